@@ -1,0 +1,279 @@
+"""The local sample server and the generated dry-run sample: fast, loopback only, no Ray."""
+
+from __future__ import annotations
+
+import csv
+import http.client
+import os
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the repo is not pip-installed and pyproject sets no pythonpath
+    sys.path.insert(0, str(ROOT))
+
+from jobs.sample_data import (
+    BOMB_SIZE,
+    EXPECT_REASONS,
+    build_dryrun_sample,
+    expected_counts,
+    generate_images,
+    good_image_names,
+    sample_cases,
+    write_url_list,
+)  # noqa: E402
+from jobs.sample_server import SampleServer  # noqa: E402
+
+N_GOOD = 16
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("images")
+    generate_images(str(d), n_good=N_GOOD, seed=0)
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(image_dir):
+    with SampleServer(str(image_dir)) as srv:
+        yield srv
+
+
+def get(srv: SampleServer, path: str, timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
+    """One GET on a fresh connection, redirects not followed: (status, headers, body)."""
+    host, port = srv.base_url.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def test_img_serves_file_bytes_with_type_and_length(server, image_dir):
+    for name in good_image_names(N_GOOD)[:8]:
+        status, headers, body = get(server, f"/img/{name}")
+        assert status == 200
+        assert body == (image_dir / name).read_bytes()
+        assert int(headers["content-length"]) == len(body)
+        ext = name.rsplit(".", 1)[1]
+        assert headers["content-type"] == {"jpg": "image/jpeg", "png": "image/png",
+                                           "webp": "image/webp", "gif": "image/gif"}[ext]
+    assert get(server, "/img/no-such-file.jpg")[0] == 404
+    assert get(server, "/img/..")[0] == 404
+    assert server.hits["/img/no-such-file.jpg"] == 1
+
+
+def test_status_routes(server):
+    status, headers, body = get(server, "/status/404?i=1")
+    assert status == 404 and body
+    assert "retry-after" not in headers
+    for code in (429, 503):
+        status, headers, _ = get(server, f"/status/{code}")
+        assert status == code and headers["retry-after"] == "1"
+    assert get(server, "/status/500")[0] == 500
+
+
+def test_flaky_then_ok_and_ratelimit(server, image_dir):
+    name = good_image_names(N_GOOD)[0]
+    for _ in range(2):
+        status, headers, _ = get(server, f"/flaky/t-flaky/2/{name}")
+        assert status == 503 and headers["retry-after"] == "0"
+    status, _, body = get(server, f"/flaky/t-flaky/2/{name}")
+    assert status == 200 and body == (image_dir / name).read_bytes()
+
+    status, headers, _ = get(server, f"/ratelimit/t-rl/{name}")
+    assert status == 429 and headers["retry-after"] == "1"
+    assert get(server, f"/ratelimit/t-rl/{name}")[0] == 200
+    assert server.hits[f"/flaky/t-flaky/2/{name}"] == 3
+
+
+def test_redirect_chain_ends_at_image(server, image_dir):
+    name = good_image_names(N_GOOD)[1]
+    status, headers, _ = get(server, f"/redirect/2/{name}")
+    assert status == 302 and headers["location"] == f"/redirect/1/{name}"
+    with urllib.request.urlopen(server.url(f"/redirect/2/{name}"), timeout=5) as resp:
+        assert resp.url == server.url(f"/img/{name}")
+        assert resp.read() == (image_dir / name).read_bytes()
+    status, headers, _ = get(server, "/redirect-to?url=http://169.254.169.254/latest/meta-data/")
+    assert status == 302 and headers["location"] == "http://169.254.169.254/latest/meta-data/"
+
+
+def test_content_routes(server, image_dir):
+    name = good_image_names(N_GOOD)[2]
+    status, headers, _ = get(server, f"/optout/otherbot%3A%20noai/{name}")
+    assert status == 200 and headers["x-robots-tag"] == "otherbot: noai"
+    assert get(server, f"/optout/noimageai/{name}")[1]["x-robots-tag"] == "noimageai"
+
+    status, headers, body = get(server, "/html")
+    assert headers["content-type"].startswith("text/html") and body.lstrip().startswith(b"<!DOCTYPE")
+    status, headers, body = get(server, "/fakejpeg")
+    assert headers["content-type"] == "image/jpeg" and body.lstrip().startswith(b"<!DOCTYPE")
+
+    status, headers, body = get(server, "/big/100000")
+    assert status == 200 and int(headers["content-length"]) == len(body) == 100_000
+    assert body.startswith(b"\xff\xd8\xff\xe0") and body[4:] == bytes(len(body) - 4)
+    status, headers, body = get(server, "/bigchunked/200000")
+    assert "content-length" not in headers and headers["transfer-encoding"] == "chunked"
+    assert len(body) == 200_000 and body.startswith(b"\xff\xd8\xff\xe0")
+
+    status, headers, body = get(server, "/empty")
+    assert status == 200 and body == b"" and headers["content-type"] == "image/jpeg"
+
+
+def test_slow_times_out_on_the_client(server):
+    name = good_image_names(N_GOOD)[3]
+    with pytest.raises((TimeoutError, socket.timeout)):
+        get(server, f"/slow/30/{name}", timeout=0.3)
+
+
+def test_latency_and_faults(image_dir):
+    name = good_image_names(N_GOOD)[0]
+    with SampleServer(str(image_dir), latency_ms=30) as srv:
+        assert get(srv, f"/img/{name}")[0] == 200
+
+    outcomes = []
+    with SampleServer(str(image_dir), fault_rate=1.0, seed=0) as srv:
+        for _ in range(16):
+            try:
+                outcomes.append(get(srv, f"/img/{name}")[0])
+            except (ConnectionError, http.client.HTTPException, OSError):
+                outcomes.append("conn")
+        assert srv.hits[f"/img/{name}"] == 16
+        assert get(srv, "/status/200")[0] == 200  # the server survived the aborted connections
+    assert set(outcomes) == {500, "conn"}
+
+
+def test_loopback_only():
+    with pytest.raises(ValueError, match="loopback"):
+        SampleServer(host="0.0.0.0")
+    with pytest.raises(ValueError):
+        SampleServer(fault_rate=1.5)
+
+
+def test_cli_prints_listening_line(image_dir):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.sample_server", "--dir", str(image_dir), "--port", "0",
+         "--latency-ms", "5", "--fault-rate", "0", "--seed", "0"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline().strip()
+        assert line.startswith("LISTENING http://127.0.0.1:")
+        name = good_image_names(N_GOOD)[0]
+        with urllib.request.urlopen(line.split()[1] + f"/img/{name}", timeout=5) as resp:
+            assert resp.read() == (image_dir / name).read_bytes()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        proc.stdout.close()
+
+
+def test_generated_images(image_dir, monkeypatch):
+    names = good_image_names(N_GOOD)
+    for name in names:
+        with Image.open(image_dir / name) as im:
+            im.load()
+            assert 64 <= min(im.size) and max(im.size) <= 400
+    assert {n.rsplit(".", 1)[1] for n in names} == {"jpg", "png", "webp", "gif"}
+    with Image.open(image_dir / "00010.png") as im:
+        assert im.mode == "RGBA" and im.getextrema()[3] == (0, 255)
+    with Image.open(image_dir / "00012.jpg") as im:
+        assert im.mode == "L"
+    with Image.open(image_dir / "00013.jpg") as im:
+        assert im.getexif()[0x0112] == 6
+    def size(name: str) -> tuple[int, int]:
+        with Image.open(image_dir / name) as im:
+            return im.size
+
+    for k in range(3):
+        assert size(f"small-{k}.jpg") == (16, 16)
+    for k in range(2):
+        w, h = size(f"wide-{k}.jpg")
+        assert max(w, h) / min(w, h) > 5 and min(w, h) >= 32
+
+    for k in range(5):
+        data = (image_dir / f"corrupt-{k}.jpg").read_bytes()
+        assert data.startswith(b"\xff\xd8\xff")
+        with pytest.raises(Exception):
+            with Image.open(image_dir / f"corrupt-{k}.jpg") as im:
+                im.load()
+
+    with pytest.raises(Image.DecompressionBombError):  # Pillow's default pixel cap
+        Image.open(image_dir / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    with Image.open(image_dir / "bomb.png") as im:  # header only: nothing is decoded
+        assert im.size == (BOMB_SIZE, BOMB_SIZE) == (30000, 30000)
+        assert im.mode == "RGB"
+
+
+def test_generate_images_is_deterministic(tmp_path, image_dir):
+    generate_images(str(tmp_path / "a"), n_good=N_GOOD, seed=0)
+    generate_images(str(tmp_path / "b"), n_good=N_GOOD, seed=1)
+    for name in ["00000.jpg", "00005.png", "00006.webp", "corrupt-0.jpg", "corrupt-4.jpg"]:
+        assert (tmp_path / "a" / name).read_bytes() == (image_dir / name).read_bytes()
+        assert (tmp_path / "b" / name).read_bytes() != (image_dir / name).read_bytes()
+    assert sorted(os.listdir(tmp_path / "a")) == sorted(os.listdir(image_dir))
+
+
+def test_sample_cases_cover_every_reason():
+    cases = sample_cases()
+    assert {c.expect for c in cases} == set(EXPECT_REASONS)
+    assert 250 <= len(cases) <= 500
+    counts = expected_counts(cases)
+    assert counts["kept"] == 240 + 3 + 2 + 2  # good + flaky + rate-limited + redirected
+    assert counts["http_404"] >= 10 and counts["too_large"] == 3
+    assert sample_cases() == cases  # deterministic order
+
+    captions = [c.caption for c in cases]
+    assert any(c and len(c) == 5000 for c in captions)
+    assert any(c and "\n" in c for c in captions) and any(c and "&amp;" in c for c in captions)
+    assert None in captions and "" in captions
+    assert any(c.caption in (None, "") and c.title for c in cases)
+
+    base = "http://127.0.0.1:8123"
+    urls = {c.url(base) for c in cases}
+    assert {None, "", "http://", "not a url", "javascript:alert(1)"} <= urls
+    assert "HTTP://127.0.0.1:8123/img/00004.jpg" in urls
+    assert "http://127.0.0.1:8123/img/00003.jpg#top" in urls
+    for c in cases:  # every fetchable URL stays on the loopback server
+        u = c.url(base)
+        if u and u.lower().startswith("http://") and len(u) > len("http://"):
+            assert u.lower().startswith(base)
+
+
+def test_write_url_list_formats(tmp_path):
+    cases = sample_cases(N_GOOD)
+    base = "http://127.0.0.1:8123"
+    path = write_url_list(cases, base, str(tmp_path / "urls.csv"))
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["url", "caption", "title", "expect"]
+    assert [r["url"] for r in rows] == [c.url(base) or "" for c in cases]
+    assert [r["caption"] for r in rows] == [c.caption or "" for c in cases]
+
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(write_url_list(cases, base, str(tmp_path / "u.parquet"), fmt="parquet"))
+    assert table.column("url").to_pylist() == [c.url(base) for c in cases]
+    lines = Path(write_url_list(cases, base, str(tmp_path / "u.jsonl"), fmt="jsonl")).read_text("utf-8")
+    assert len(lines.splitlines()) == len(cases)  # control characters are escaped in JSON
+    with pytest.raises(ValueError):
+        write_url_list(cases, base, str(tmp_path / "u.xml"), fmt="xml")
+
+
+def test_build_dryrun_sample_generates_once(tmp_path):
+    path = build_dryrun_sample(str(tmp_path), "http://127.0.0.1:8123", n_good=N_GOOD)
+    assert path == str(tmp_path / "urls.csv") and os.path.exists(path)
+    first = (tmp_path / "images" / "00000.jpg").stat().st_mtime_ns
+    build_dryrun_sample(str(tmp_path), "http://127.0.0.1:8124", n_good=N_GOOD)
+    assert (tmp_path / "images" / "00000.jpg").stat().st_mtime_ns == first
+    assert "127.0.0.1:8124" in Path(path).read_text("utf-8")
