@@ -1,0 +1,1 @@
+"""imgcurate jobs: entrypoints, config schema and the `imgcurate` command."""

@@ -1,0 +1,134 @@
+"""The job config: one pydantic schema composed of each operator's own small config.
+
+Loaded from YAML, overridden with ``--set a.b=c``. An unknown key or a bad value is a
+``ConfigError`` that names the key and the value, raised before Ray starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from operators.download import DownloadConfig
+from operators.images import ImageConfig
+from operators.sources import SourceConfig
+from operators.storage import StorageConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key and the value."""
+
+
+class OutputConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(..., description="output root, local path or s3://bucket/prefix")
+    overwrite: bool = Field(False, description="delete an existing output of a different config first")
+
+
+class PlanConfig(BaseModel):
+    """Phase 0: the shuffle that merges rows by URL into hash-prefix buckets."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_buckets: int = Field(256, ge=1, le=1_048_576, description="hash-prefix buckets (~1M samples each at scale)")
+    wave_max_samples: int = Field(10_000_000, ge=1, description="phase 1 runs in waves of at most this many samples")
+    scatter_flush_rows: int = Field(200_000, ge=1)
+
+
+class RayConfig(BaseModel):
+    """How the job connects to Ray; only jobs/ touch process-wide state (STYLE.md habit 7)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: str | None = Field(None, description="None: RAY_ADDRESS or a new local Ray; 'auto': a running cluster")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray started by the job")
+    object_store_memory_mb: int | None = Field(None, ge=64)
+    progress_bars: bool = True
+    checkpoint: bool = Field(True, description="row-level resume with Ray Data checkpointing")
+
+
+class JobConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "imgcurate"
+    input: SourceConfig
+    output: OutputConfig
+    storage: StorageConfig = StorageConfig()
+    plan: PlanConfig = PlanConfig()
+    download: DownloadConfig = DownloadConfig()
+    images: ImageConfig = ImageConfig()
+    ray: RayConfig = RayConfig()
+
+    def fingerprint(self, *sections: str) -> str:
+        """A hash of the named sections: an output is resumed only by the same config."""
+        data = self.model_dump(mode="json")
+        picked = {s: data[s] for s in sections} if sections else data
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _parse_value(text: str) -> Any:
+    """``--set`` values are YAML scalars or flow collections (``[a, b]``, ``{k: v}``)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects key=value, got {assignment!r}")
+    key, value = assignment.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set has an empty key in {assignment!r}")
+    node = data
+    for p in parts[:-1]:
+        if not isinstance(node.get(p, {}), dict):
+            raise ConfigError(f"--set {key}: {p!r} is not a section")
+        node = node.setdefault(p, {})
+    node[parts[-1]] = _parse_value(value)
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(x) for x in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key {key!r} (value {e.get('input')!r})")
+        elif e["type"] == "missing":
+            lines.append(f"missing required key {key!r}")
+        else:
+            lines.append(f"bad value for {key!r}: {e.get('input')!r} ({e['msg']})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                data: dict | None = None) -> JobConfig:
+    """YAML file (or a dict) plus ``key=value`` overrides -> validated ``JobConfig``."""
+    if data is None:
+        data = {}
+        if path is not None:
+            p = Path(path)
+            if not p.exists():
+                raise ConfigError(f"config file not found: {path}")
+            try:
+                data = yaml.safe_load(p.read_text()) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+            if not isinstance(data, dict):
+                raise ConfigError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+    data = json.loads(json.dumps(data))  # deep copy
+    for o in overrides or []:
+        apply_override(data, o)
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None

@@ -1,0 +1,99 @@
+"""Phase 0, "plan": URL lists -> sample shards, one Parquet file per hash-prefix bucket.
+
+Scatter tasks (one per input file) route rows to buckets; merge tasks (one per bucket) merge
+rows sharing a URL. The driver only sees per-file and per-bucket counts. ``_PLAN.json`` is
+written last; a rerun with the same input config reuses a committed plan.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pyarrow as pa
+import ray
+
+from jobs.config import ConfigError, JobConfig
+from operators.sources import bucket_path, expand_paths, merge_bucket, scatter_file, unify_extra_schema
+from operators.storage import fsspec_fs, join, read_json, write_json_atomic
+
+log = logging.getLogger(__name__)
+PLAN_VERSION = 1
+
+
+def plan_dir(cfg: JobConfig) -> str:
+    return join(cfg.output.path, "plan")
+
+
+def plan_fingerprint(cfg: JobConfig) -> str:
+    return cfg.fingerprint("input", "plan")
+
+
+def load_plan(cfg: JobConfig) -> dict | None:
+    return read_json(join(plan_dir(cfg), "_PLAN.json"), cfg.storage)
+
+
+def run_plan(cfg: JobConfig) -> dict:
+    """Build (or reuse) the sample shards. Returns the plan manifest."""
+    existing = load_plan(cfg)
+    fp = plan_fingerprint(cfg)
+    if existing is not None:
+        if existing.get("fingerprint") == fp:
+            log.info("plan: reusing committed plan (%d samples in %d buckets)",
+                     existing["samples"], len(existing["buckets"]))
+            return existing
+        raise ConfigError(
+            f"{cfg.output.path} holds a plan made from another input config "
+            f"(fingerprint {existing.get('fingerprint')} != {fp}); use a new output.path or output.overwrite=true")
+    t0 = time.time()
+    files = expand_paths(cfg.input, cfg.storage)
+    pdir = plan_dir(cfg)
+    scatter_dir = join(pdir, "_scatter")
+    fs, sp = fsspec_fs(scatter_dir, cfg.storage)
+    if fs.exists(sp):  # leftovers of an interrupted plan: start the shuffle over
+        fs.rm(sp, recursive=True)
+    nb = cfg.plan.num_buckets
+    scatter = ray.remote(num_cpus=1, max_retries=3)(scatter_file)
+    refs = [scatter.remote(i, f, cfg.input, cfg.storage, scatter_dir, nb, cfg.plan.scatter_flush_rows)
+            for i, f in enumerate(files)]
+    file_stats = ray.get(refs)
+    extra = unify_extra_schema([pa.ipc.read_schema(pa.py_buffer(s["extra_schema"])) for s in file_stats])
+    samples_dir = join(pdir, "samples")
+    merge = ray.remote(num_cpus=1, max_retries=3)(merge_bucket)
+    bucket_stats = ray.get([merge.remote(b, scatter_dir, bucket_path(samples_dir, b), extra, cfg.storage)
+                            for b in range(nb)])
+    fs.rm(sp, recursive=True)
+    manifest = {
+        "version": PLAN_VERSION,
+        "fingerprint": fp,
+        "input_files": [{"path": s["file"], "rows": s["rows"]} for s in file_stats],
+        "input_rows": sum(s["rows"] for s in file_stats),
+        "samples": sum(b["samples"] for b in bucket_stats),
+        "invalid_urls": sum(b["invalid"] for b in bucket_stats),
+        "buckets": [{"bucket": b["bucket"], "samples": b["samples"],
+                     "path": bucket_path(samples_dir, b["bucket"])} for b in bucket_stats],
+        "extra_columns": [f.name for f in extra],
+        "seconds": round(time.time() - t0, 3),
+    }
+    write_json_atomic(join(pdir, "_PLAN.json"), manifest, cfg.storage)
+    log.info("plan: %d input rows -> %d samples (%d without a usable URL) in %.1fs",
+             manifest["input_rows"], manifest["samples"], manifest["invalid_urls"], manifest["seconds"])
+    return manifest
+
+
+def waves_of(plan: dict, max_samples: int) -> list[list[dict]]:
+    """Group consecutive buckets into waves of at most ``max_samples`` (a bucket is never split)."""
+    waves: list[list[dict]] = []
+    cur: list[dict] = []
+    n = 0
+    for b in plan["buckets"]:
+        if b["samples"] == 0:
+            continue
+        if cur and n + b["samples"] > max_samples:
+            waves.append(cur)
+            cur, n = [], 0
+        cur.append(b)
+        n += b["samples"]
+    if cur:
+        waves.append(cur)
+    return waves

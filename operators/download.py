@@ -1,0 +1,337 @@
+"""HttpDownloader: asynchronous, polite, SSRF-guarded image download inside CPU actors.
+
+Each actor runs one asyncio event loop in a background thread with one aiohttp session,
+so many connections are open per actor and several Ray batches can be in flight at once
+(the actor may be threaded). Conventions follow img2dataset (status per sample, error text),
+with named drop reasons (STYLE.md habit 3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+from urllib.parse import urljoin, urlsplit
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+from operators.base import DROPPED, FAILED, KEPT, Operator, Resources, alive_mask, mark, set_columns
+from operators.netguard import AddressPolicy, DNSFailure, GuardedResolver, SSRFBlocked, parse_ip
+
+log = logging.getLogger(__name__)
+
+REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
+RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+DEFAULT_ROBOTS_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
+USER_AGENT_TOKEN = "imgcurate"
+
+
+class DownloadConfig(BaseModel):
+    """Download stage settings (``download:`` in the job config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    timeout_s: float = Field(10.0, gt=0, description="total time for one attempt")
+    connect_timeout_s: float = Field(5.0, gt=0)
+    retries: int = Field(2, ge=0, le=10, description="extra attempts on timeouts, 5xx, 429, connection errors")
+    backoff_base_s: float = Field(0.5, ge=0)
+    backoff_max_s: float = Field(30.0, ge=0, description="cap on backoff and on honoured Retry-After")
+    concurrency: int = Field(128, ge=1, description="open requests per actor")
+    per_host_concurrency: int = Field(16, ge=1, description="open requests per host per actor")
+    max_redirects: int = Field(5, ge=0)
+    max_bytes: int = Field(20_000_000, gt=0, description="maximum body size")
+    user_agent_contact: str = Field("https://github.com/imgcurate/imgcurate", description="URL or e-mail in the UA")
+    respect_robots_headers: bool = True
+    robots_directives: list[str] = Field(default_factory=lambda: list(DEFAULT_ROBOTS_DIRECTIVES))
+    allow_loopback: bool = Field(False, description="allow 127.0.0.0/8 and ::1 (dry run, tests)")
+    allow_private: bool = Field(False, description="allow RFC 1918 / ULA addresses")
+    dns_cache_ttl_s: float = Field(300.0, ge=0)
+    # Resources: I/O bound, so a fraction of a CPU each; overridable from config.
+    num_cpus: float = Field(0.5, gt=0)
+    batch_size: int = Field(128, ge=1)
+    pool_min: int = Field(1, ge=1)
+    pool_max: int = Field(4, ge=1)
+    batches_in_flight: int = Field(4, ge=1, description="Ray batches one actor works on at once")
+
+    def user_agent(self) -> str:
+        from operators import __version__
+
+        return f"{USER_AGENT_TOKEN}/{__version__} (+{self.user_agent_contact})"
+
+
+@dataclass
+class Fetched:
+    """Outcome of one URL: bytes, or a named reason."""
+
+    body: bytes | None = None
+    status: str = KEPT
+    reason: str | None = None
+    message: str | None = None
+    http_status: int | None = None
+    content_type: str | None = None
+    final_url: str | None = None
+    attempts: int = 0
+    retry_after_s: float | None = None
+    retryable: bool = False
+    elapsed_ms: float | None = None
+
+
+def sniff_image(head: bytes) -> str | None:
+    """Image format from magic bytes, or None (HTML and other non-images)."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head.startswith(b"BM"):
+        return "bmp"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    if head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis", b"heic", b"heix", b"mif1", b"msf1"):
+        return "avif" if head[8:12].startswith(b"avi") else "heif"
+    return None
+
+
+def robots_forbids(header_values: list[str], directives: set[str], ua_token: str = USER_AGENT_TOKEN) -> str | None:
+    """The first opt-out directive in ``X-Robots-Tag`` headers that applies to us, or None.
+
+    A value may be scoped to one crawler (``googlebot: noindex``); scopes for other agents
+    do not apply, unscoped values and ``*`` do.
+    """
+    for value in header_values:
+        scope, _, rest = value.partition(":")
+        if rest and " " not in scope.strip() and scope.strip().lower() not in directives:
+            agent = scope.strip().lower()
+            if agent not in ("*", ua_token.lower()):
+                continue
+            value = rest
+        for token in value.split(","):
+            token = token.strip().lower()
+            if token in directives:
+                return token
+    return None
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class HttpDownloader(Operator):
+    """Downloads ``url`` into ``image_bytes``; failures get a named reason."""
+
+    name: ClassVar[str] = "download"
+    reads = ("sample_id", "url", "status")
+    writes = ("image_bytes", "http_status", "content_type", "final_url", "download_attempts", "download_ms")
+
+    def __init__(self, config: DownloadConfig | dict | None = None):
+        self.config = config if isinstance(config, DownloadConfig) else DownloadConfig(**(config or {}))
+        self.policy = AddressPolicy(self.config.allow_loopback, self.config.allow_private)
+        self.directives = {d.lower() for d in self.config.robots_directives}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._session = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def resources(cls, config: DownloadConfig) -> Resources:
+        return Resources(num_cpus=config.num_cpus, batch_size=config.batch_size,
+                         pool=(config.pool_min, config.pool_max))
+
+    # -- lifecycle -------------------------------------------------------------------
+    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name="imgcurate-download", daemon=True)
+                thread.start()
+                self._loop, self._thread = loop, thread
+                asyncio.run_coroutine_threadsafe(self._open(), loop).result()
+        return self._loop
+
+    async def _open(self) -> None:
+        import aiohttp
+
+        class _Resolver(aiohttp.abc.AbstractResolver):
+            def __init__(self, inner: GuardedResolver):
+                self.inner = inner
+
+            async def resolve(self, host, port=0, family=0):
+                return await self.inner.resolve(host, port, family)
+
+            async def close(self):
+                await self.inner.close()
+
+        c = self.config
+        self._resolver = GuardedResolver(self.policy, ttl_s=c.dns_cache_ttl_s)
+        connector = aiohttp.TCPConnector(
+            limit=c.concurrency, limit_per_host=c.per_host_concurrency, resolver=_Resolver(self._resolver),
+            use_dns_cache=False, ssl=True, enable_cleanup_closed=True,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            headers={"User-Agent": c.user_agent(), "Accept": "image/*,*/*;q=0.5"},
+            timeout=aiohttp.ClientTimeout(total=c.timeout_s, sock_connect=c.connect_timeout_s),
+            auto_decompress=True,
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+        self._global_sem = asyncio.Semaphore(c.concurrency)
+
+    def close(self) -> None:
+        if self._loop is None:
+            return
+        asyncio.run_coroutine_threadsafe(self._session.close(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._loop = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    # -- batch -----------------------------------------------------------------------
+    def process(self, batch: pa.Table) -> pa.Table:
+        alive = alive_mask(batch)
+        urls = batch.column("url").to_pylist()
+        todo = [i for i, a in enumerate(alive) if a]
+        results: dict[int, Fetched] = {}
+        if todo:
+            loop = self._ensure_loop()
+            fut = asyncio.run_coroutine_threadsafe(self._fetch_all([urls[i] for i in todo]), loop)
+            for i, r in zip(todo, fut.result()):
+                results[i] = r
+        n = batch.num_rows
+        empty = Fetched()
+        rows = [results.get(i, empty) for i in range(n)]
+        batch = set_columns(batch, {
+            "image_bytes": pa.array([r.body for r in rows], pa.binary()),
+            "http_status": pa.array([r.http_status for r in rows], pa.int16()),
+            "content_type": pa.array([r.content_type for r in rows], pa.string()),
+            "final_url": pa.array([r.final_url for r in rows], pa.string()),
+            "download_attempts": pa.array([r.attempts if i in results else None for i, r in enumerate(rows)], pa.int8()),
+            "download_ms": pa.array([r.elapsed_ms for r in rows], pa.float32()),
+        })
+        return mark(batch, self.name, [(r.status, r.reason, r.message) if i in results else None
+                                       for i, r in enumerate(rows)])
+
+    async def _fetch_all(self, urls: list[str]) -> list[Fetched]:
+        return await asyncio.gather(*(self._fetch_with_retries(u) for u in urls))
+
+    async def _fetch_with_retries(self, url: str) -> Fetched:
+        c = self.config
+        start = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            async with self._global_sem:
+                result = await self._fetch_once(url)
+            result.attempts = attempt
+            if not result.retryable or attempt > c.retries:
+                result.elapsed_ms = (time.monotonic() - start) * 1000.0
+                return result
+            delay = min(c.backoff_max_s, c.backoff_base_s * (2 ** (attempt - 1)))
+            delay = random.uniform(delay / 2, delay)  # jitter
+            if result.retry_after_s is not None:
+                delay = max(delay, min(result.retry_after_s, c.backoff_max_s))
+            await asyncio.sleep(delay)
+
+    async def _fetch_once(self, url: str) -> Fetched:
+        import aiohttp
+
+        c = self.config
+        current = url
+        for _hop in range(c.max_redirects + 1):
+            parts = urlsplit(current)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                return Fetched(status=FAILED, reason="bad_redirect" if current != url else "invalid_url",
+                               message=f"not an http(s) URL: {current[:200]}", final_url=current)
+            literal = parse_ip(parts.hostname)
+            if literal is not None:
+                forbidden = self.policy.check(literal)
+                if forbidden is not None:
+                    return Fetched(status=DROPPED, reason="ssrf_blocked",
+                                   message=f"{parts.hostname} is {forbidden.value}", final_url=current)
+                if str(literal) != parts.hostname.strip("[]"):
+                    # Odd spelling (127.1, 0x7f000001): use the canonical address.
+                    host = f"[{literal}]" if literal.version == 6 else str(literal)
+                    current = parts._replace(netloc=host + (f":{parts.port}" if parts.port else "")).geturl()
+            try:
+                async with self._session.get(current, allow_redirects=False) as resp:
+                    if resp.status in REDIRECT_CODES:
+                        location = resp.headers.get("Location")
+                        if not location:
+                            return Fetched(status=FAILED, reason="bad_redirect", http_status=resp.status,
+                                           message="redirect without Location", final_url=current)
+                        current = urljoin(current, location)
+                        continue
+                    return await self._read_response(resp, current)
+            except aiohttp.ClientConnectorDNSError as exc:
+                cause = exc.os_error if hasattr(exc, "os_error") else exc.__cause__
+                if isinstance(cause, SSRFBlocked) or isinstance(exc.__cause__, SSRFBlocked):
+                    return Fetched(status=DROPPED, reason="ssrf_blocked", message=str(exc.__cause__ or cause),
+                                   final_url=current)
+                return Fetched(status=FAILED, reason="dns_error", message=str(exc)[:300], final_url=current)
+            except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
+                return Fetched(status=FAILED, reason="timeout", message=type(exc).__name__, final_url=current,
+                               retryable=True)
+            except aiohttp.InvalidURL as exc:
+                return Fetched(status=FAILED, reason="invalid_url", message=str(exc)[:300], final_url=current)
+            except aiohttp.ClientSSLError as exc:
+                return Fetched(status=FAILED, reason="tls_error", message=str(exc)[:300], final_url=current)
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError) as exc:
+                return Fetched(status=FAILED, reason="connection_error", message=f"{type(exc).__name__}: {exc}"[:300],
+                               final_url=current, retryable=True)
+            except (aiohttp.ClientError, ValueError, UnicodeError) as exc:
+                return Fetched(status=FAILED, reason="http_error", message=f"{type(exc).__name__}: {exc}"[:300],
+                               final_url=current)
+        return Fetched(status=FAILED, reason="too_many_redirects", message=f"more than {c.max_redirects}",
+                       final_url=current)
+
+    async def _read_response(self, resp, url: str) -> Fetched:
+        c = self.config
+        ctype = resp.headers.get("Content-Type")
+        base = dict(http_status=resp.status, content_type=ctype, final_url=url)
+        if resp.status >= 400 or resp.status < 200:
+            retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+            return Fetched(status=FAILED, reason=f"http_{resp.status}", message=resp.reason,
+                           retryable=resp.status in RETRYABLE_STATUS, retry_after_s=retry_after, **base)
+        if c.respect_robots_headers:
+            hit = robots_forbids(resp.headers.getall("X-Robots-Tag", []), self.directives)
+            if hit is not None:
+                return Fetched(status=DROPPED, reason=f"robots_{hit}", message="X-Robots-Tag opt-out", **base)
+        length = resp.content_length
+        if length is not None and length > c.max_bytes:
+            return Fetched(status=DROPPED, reason="too_large", message=f"Content-Length {length} > {c.max_bytes}",
+                           **base)
+        chunks, size = [], 0
+        async for chunk in resp.content.iter_chunked(65536):
+            size += len(chunk)
+            if size > c.max_bytes:
+                return Fetched(status=DROPPED, reason="too_large", message=f"body over {c.max_bytes} bytes", **base)
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        if not body:
+            return Fetched(status=FAILED, reason="empty_body", **base)
+        if sniff_image(body[:32]) is None:
+            return Fetched(status=DROPPED, reason="not_image",
+                           message=f"content does not look like an image (Content-Type {ctype})", **base)
+        return Fetched(body=body, **base)

@@ -1,0 +1,164 @@
+"""SSRF guard: classify addresses and resolve host names with a cache, refusing forbidden ones.
+
+The URL list is untrusted (DESIGN.md, "Safety of the crawler"). Every address a connection
+may go to is classified after DNS resolution, and again for each redirect hop, because the
+resolver below is the one the HTTP client connects with: the checked address is the
+connected address (no time-of-check/time-of-use gap). Host spellings that C resolvers accept
+(``127.1``, ``0x7f000001``, ``2130706433``, ``017700000001``) are parsed the same way here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import time
+from dataclasses import dataclass
+from enum import Enum
+
+# Cloud metadata endpoints (AWS, GCP, Azure, Alibaba, AWS IPv6).
+METADATA_ADDRESSES = frozenset(
+    ipaddress.ip_address(a) for a in ("169.254.169.254", "169.254.170.2", "100.100.100.200", "fd00:ec2::254")
+)
+
+
+class AddressClass(str, Enum):
+    PUBLIC = "public"
+    LOOPBACK = "loopback"
+    PRIVATE = "private"
+    LINK_LOCAL = "link_local"
+    METADATA = "metadata"
+    MULTICAST = "multicast"
+    RESERVED = "reserved"  # unspecified, reserved, documentation, shared address space, ...
+
+
+def parse_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """Parse ``host`` as an IP address the way ``inet_aton``/``getaddrinfo`` would, else None."""
+    h = host.strip().strip("[]")
+    if "%" in h:  # IPv6 zone id
+        h = h.split("%", 1)[0]
+    try:
+        return ipaddress.ip_address(h)
+    except ValueError:
+        pass
+    if not h or any(c not in "0123456789abcdefxABCDEFX." for c in h):
+        return None
+    try:  # legacy IPv4 forms: 127.1, 0x7f000001, 2130706433, octal parts
+        return ipaddress.IPv4Address(socket.inet_aton(h))
+    except OSError:
+        return None
+
+
+def classify(addr: ipaddress.IPv4Address | ipaddress.IPv6Address | str) -> AddressClass:
+    """Classify one address. Strings are parsed with :func:`parse_ip`; unparsable is RESERVED."""
+    if isinstance(addr, str):
+        parsed = parse_ip(addr)
+        if parsed is None:
+            return AddressClass.RESERVED
+        addr = parsed
+    if isinstance(addr, ipaddress.IPv6Address):
+        embedded = addr.ipv4_mapped or addr.sixtofour
+        if embedded is None and addr in ipaddress.ip_network("64:ff9b::/96"):  # NAT64
+            embedded = ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+        if embedded is not None:
+            return classify(embedded)
+    if addr in METADATA_ADDRESSES:
+        return AddressClass.METADATA
+    if addr.is_loopback:
+        return AddressClass.LOOPBACK
+    if addr.is_link_local:
+        return AddressClass.LINK_LOCAL
+    if addr.is_multicast:
+        return AddressClass.MULTICAST
+    if addr.is_unspecified or addr.is_reserved:
+        return AddressClass.RESERVED
+    if isinstance(addr, ipaddress.IPv4Address) and addr in ipaddress.ip_network("100.64.0.0/10"):
+        return AddressClass.PRIVATE  # carrier-grade NAT, shared address space
+    if addr.is_private:
+        return AddressClass.PRIVATE
+    if not addr.is_global:
+        return AddressClass.RESERVED
+    return AddressClass.PUBLIC
+
+
+@dataclass(frozen=True)
+class AddressPolicy:
+    """Which address classes a crawl may connect to. Public only, unless a config allows more."""
+
+    allow_loopback: bool = False
+    allow_private: bool = False
+
+    def allowed(self, cls: AddressClass) -> bool:
+        if cls is AddressClass.PUBLIC:
+            return True
+        if cls is AddressClass.LOOPBACK:
+            return self.allow_loopback
+        if cls is AddressClass.PRIVATE:
+            return self.allow_private
+        return False  # link-local, metadata, multicast, reserved: never
+
+    def check(self, addr) -> AddressClass | None:
+        """None if allowed, else the forbidden class."""
+        cls = classify(addr)
+        return None if self.allowed(cls) else cls
+
+
+class SSRFBlocked(OSError):
+    """A host resolved only to addresses the policy forbids."""
+
+
+class DNSFailure(OSError):
+    """Name resolution failed."""
+
+
+class GuardedResolver:
+    """An aiohttp resolver: resolves through the system, caches answers, filters by policy.
+
+    aiohttp connects only to the addresses this returns, so a forbidden address is never
+    contacted. Literal IP hosts bypass aiohttp's resolver, so callers also check them with
+    :meth:`AddressPolicy.check` before each request (see ``operators.download``).
+    """
+
+    def __init__(self, policy: AddressPolicy, ttl_s: float = 300.0, max_entries: int = 100_000):
+        self.policy = policy
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._cache: dict[tuple[str, int, int], tuple[float, list[dict]]] = {}
+        self.lookups = 0
+
+    async def _getaddrinfo(self, host: str, port: int, family: int) -> list[dict]:
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, family=family)
+        except (socket.gaierror, UnicodeError) as exc:
+            raise DNSFailure(f"cannot resolve {host!r}: {exc}") from exc
+        self.lookups += 1
+        out, seen = [], set()
+        for fam, _, proto, _, sockaddr in infos:
+            ip = sockaddr[0]
+            if ip in seen:
+                continue
+            seen.add(ip)
+            out.append({"hostname": host, "host": ip, "port": port, "family": fam, "proto": proto,
+                        "flags": socket.AI_NUMERICHOST | socket.AI_NUMERICSERV})
+        return out
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[dict]:
+        key = (host.lower(), port, family)
+        now = time.monotonic()
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] > now:
+            infos = hit[1]
+        else:
+            infos = await self._getaddrinfo(host, port, family)
+            if len(self._cache) >= self.max_entries:
+                self._cache.clear()
+            self._cache[key] = (now + self.ttl_s, infos)
+        allowed = [i for i in infos if self.policy.check(i["host"]) is None]
+        if not allowed:
+            classes = sorted({classify(i["host"]).value for i in infos})
+            raise SSRFBlocked(f"{host} resolves only to forbidden addresses ({', '.join(classes)})")
+        return allowed
+
+    async def close(self) -> None:
+        self._cache.clear()

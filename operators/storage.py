@@ -1,0 +1,106 @@
+"""Filesystems for local paths and ``s3://`` (s3fs), as fsspec and as pyarrow filesystems.
+
+Credentials are never part of a config: s3fs takes them from the environment or the
+instance role. A config may name an endpoint (MinIO, moto, R2...) and a region.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from functools import lru_cache
+
+import fsspec
+import pyarrow.fs as pafs
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class StorageConfig(BaseModel):
+    """Object storage settings (``storage:`` in the job config). No secrets here."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
+    region: str | None = None
+    anon: bool = False
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def strip_protocol(path: str) -> str:
+    if path.startswith("file://"):
+        return path[len("file://"):]
+    if path.startswith("s3://"):
+        return path[len("s3://"):]
+    return path
+
+
+@lru_cache(maxsize=16)
+def _fsspec_fs(protocol: str, storage: StorageConfig) -> fsspec.AbstractFileSystem:
+    if protocol == "s3":
+        client_kwargs = {}
+        if storage.endpoint_url:
+            client_kwargs["endpoint_url"] = storage.endpoint_url
+        if storage.region:
+            client_kwargs["region_name"] = storage.region
+        return fsspec.filesystem("s3", anon=storage.anon, client_kwargs=client_kwargs, use_listings_cache=False)
+    if protocol in ("file", "local"):
+        return fsspec.filesystem("file")
+    return fsspec.filesystem(protocol)
+
+
+def fsspec_fs(path: str, storage: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for ``path`` and the path without its protocol."""
+    storage = storage or StorageConfig()
+    protocol = path.split("://", 1)[0] if "://" in path else "file"
+    fs = _fsspec_fs(protocol, storage)
+    if protocol == "file":
+        return fs, posixpath.abspath(strip_protocol(path))
+    return fs, strip_protocol(path)
+
+
+def arrow_fs(path: str, storage: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem for ``path`` (s3 goes through s3fs, which honours the endpoint)."""
+    fs, stripped = fsspec_fs(path, storage)
+    if not is_remote(path):
+        return pafs.LocalFileSystem(), stripped
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), stripped
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts, keeping a protocol prefix."""
+    if "://" in base:
+        proto, rest = base.split("://", 1)
+        return f"{proto}://" + posixpath.join(rest, *parts)
+    return posixpath.join(base, *parts)
+
+
+def write_json_atomic(path: str, obj, storage: StorageConfig | None = None) -> None:
+    """Write JSON so that readers see either nothing or the whole file.
+
+    Local: write a temporary file and rename. S3: a single PUT is atomic already.
+    """
+    fs, p = fsspec_fs(path, storage)
+    data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+    parent = posixpath.dirname(p)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    if is_remote(path):
+        with fs.open(p, "wb") as f:
+            f.write(data)
+        return
+    tmp = p + ".tmp"
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    fs.mv(tmp, p)
+
+
+def read_json(path: str, storage: StorageConfig | None = None):
+    """The parsed JSON at ``path``, or None if it does not exist."""
+    fs, p = fsspec_fs(path, storage)
+    if not fs.exists(p):
+        return None
+    with fs.open(p, "rb") as f:
+        return json.loads(f.read())
