@@ -39,8 +39,6 @@ class ImageConfig(BaseModel):
     max_pixels: int = Field(89_478_485, gt=0, description="width x height from the header; larger is refused")
     num_cpus: float = Field(1.0, gt=0)
     batch_size: int = Field(64, ge=1)
-    pool_min: int = Field(1, ge=1)
-    pool_max: int = Field(2, ge=1)
 
 
 class ImageProcessor(Operator):
@@ -58,8 +56,7 @@ class ImageProcessor(Operator):
 
     @classmethod
     def resources(cls, config: ImageConfig) -> Resources:
-        return Resources(num_cpus=config.num_cpus, batch_size=config.batch_size,
-                         pool=(config.pool_min, config.pool_max))
+        return Resources(num_cpus=config.num_cpus, batch_size=config.batch_size)
 
     def _get_resizer(self):
         if self._resizer is None:
@@ -147,3 +144,15 @@ class ImageProcessor(Operator):
             return res, (FAILED, "decode_error", str(err)[:200])
         res.update(image=img, width=width, height=height)
         return res, None
+
+
+_PROCESSORS: dict[str, ImageProcessor] = {}
+
+
+def process_images(batch: pa.Table, config: ImageConfig) -> pa.Table:
+    """Function form for ``map_batches`` tasks; one processor per config per worker process."""
+    key = config.model_dump_json()
+    proc = _PROCESSORS.get(key)
+    if proc is None:
+        proc = _PROCESSORS[key] = ImageProcessor(config)
+    return proc(batch)

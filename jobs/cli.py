@@ -1,0 +1,65 @@
+"""The ``imgcurate`` command: ``run CONFIG``, ``dry-run``, ``validate CONFIG``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from jobs.config import ConfigError, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="imgcurate", description="Curate web-scale image-text datasets on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run (or resume) the job described by CONFIG")
+    run.add_argument("config")
+    val = sub.add_parser("validate", help="check CONFIG and print it with every default filled in")
+    val.add_argument("config")
+    val.add_argument("--check-inputs", action="store_true", help="also list the input files (reads storage)")
+    dry = sub.add_parser("dry-run", help="serve the bundled sample on 127.0.0.1 and run configs/dryrun.yaml")
+    dry.add_argument("--work-dir", default="imgcurate-dryrun", help="where the sample and output go")
+    for sp in (run, val, dry):
+        sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set download.timeout_s=5 (repeatable)")
+        sp.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose or args.command != "validate" else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    try:
+        if args.command == "validate":
+            cfg = load_config(args.config, args.overrides)
+            if args.check_inputs:
+                from operators.sources import expand_paths
+
+                files = expand_paths(cfg.input, cfg.storage)
+                print(f"{len(files)} input file(s), first: {files[0]}", file=sys.stderr)
+            print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+            print("config OK", file=sys.stderr)
+            return 0
+        from jobs import curate
+
+        if args.command == "run":
+            cfg = load_config(args.config, args.overrides)
+            manifest, out = curate.run(cfg), cfg.output.path
+        else:
+            from jobs.dryrun import run_dryrun
+
+            manifest, out = run_dryrun(args.work_dir, args.overrides)
+        print(curate.summary_table(manifest))
+        print(f"output: {out}  (run manifest: {out.rstrip('/')}/_manifest.json)")
+        return 0
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
