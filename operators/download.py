@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import ipaddress
 import logging
 import random
 import threading
@@ -19,7 +20,7 @@ from typing import ClassVar
 from urllib.parse import urljoin, urlsplit
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from operators.base import DROPPED, FAILED, KEPT, Operator, Resources, alive_mask, mark, set_columns
 from operators.netguard import AddressPolicy, DNSFailure, GuardedResolver, SSRFBlocked, parse_ip
@@ -51,6 +52,7 @@ class DownloadConfig(BaseModel):
     robots_directives: list[str] = Field(default_factory=lambda: list(DEFAULT_ROBOTS_DIRECTIVES))
     allow_loopback: bool = Field(False, description="allow 127.0.0.0/8 and ::1 (dry run, tests)")
     allow_private: bool = Field(False, description="allow RFC 1918 / ULA addresses")
+    allow_networks: list[str] = Field(default_factory=list, description="CIDRs allowed whatever their class")
     dns_cache_ttl_s: float = Field(300.0, ge=0)
     # Resources: I/O bound, so a fraction of a CPU each; overridable from config.
     num_cpus: float = Field(0.5, gt=0)
@@ -58,6 +60,13 @@ class DownloadConfig(BaseModel):
     pool_min: int = Field(1, ge=1)
     pool_max: int = Field(4, ge=1)
     batches_in_flight: int = Field(4, ge=1, description="Ray batches one actor works on at once")
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _networks(cls, v):
+        for n in v:
+            ipaddress.ip_network(n, strict=False)  # ValueError names the bad network
+        return v
 
     def user_agent(self) -> str:
         from operators import __version__
@@ -143,7 +152,8 @@ class HttpDownloader(Operator):
 
     def __init__(self, config: DownloadConfig | dict | None = None):
         self.config = config if isinstance(config, DownloadConfig) else DownloadConfig(**(config or {}))
-        self.policy = AddressPolicy(self.config.allow_loopback, self.config.allow_private)
+        c = self.config
+        self.policy = AddressPolicy.build(c.allow_loopback, c.allow_private, c.allow_networks)
         self.directives = {d.lower() for d in self.config.robots_directives}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None

@@ -87,6 +87,12 @@ class AddressPolicy:
 
     allow_loopback: bool = False
     allow_private: bool = False
+    # Networks allowed whatever their class (an internal mirror, a test server on 127.0.0.3).
+    allow_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    @classmethod
+    def build(cls, allow_loopback=False, allow_private=False, allow_networks=()) -> "AddressPolicy":
+        return cls(allow_loopback, allow_private, tuple(ipaddress.ip_network(n, strict=False) for n in allow_networks))
 
     def allowed(self, cls: AddressClass) -> bool:
         if cls is AddressClass.PUBLIC:
@@ -99,6 +105,11 @@ class AddressPolicy:
 
     def check(self, addr) -> AddressClass | None:
         """None if allowed, else the forbidden class."""
+        if isinstance(addr, str):
+            addr = parse_ip(addr) or addr
+        if self.allow_networks and not isinstance(addr, str):
+            if any(addr.version == n.version and addr in n for n in self.allow_networks):
+                return None
         cls = classify(addr)
         return None if self.allowed(cls) else cls
 
