@@ -40,6 +40,7 @@ class PlanConfig(BaseModel):
 
     num_buckets: int = Field(256, ge=1, le=1_048_576, description="hash-prefix buckets (~1M samples each at scale)")
     wave_max_samples: int = Field(10_000_000, ge=1, description="phase 1 runs in waves of at most this many samples")
+    shard_rows: int = Field(4096, ge=1, description="samples per sample shard (one phase-1 read task)")
     scatter_flush_rows: int = Field(200_000, ge=1)
 
 

@@ -113,7 +113,9 @@ def run_wave(cfg: JobConfig, i: int, buckets: list[dict]) -> dict:
             id_column="sample_id", checkpoint_path=arrow_fs(paths["checkpoint"], cfg.storage)[1],
             override_filesystem=fs, delete_checkpoint_on_success=False)
     try:
-        ds = ray.data.read_parquet([arrow_fs(b["path"], cfg.storage)[1] for b in buckets], filesystem=fs)
+        files = [arrow_fs(f, cfg.storage)[1] for b in buckets for f in b["files"]]
+        # One read task (and block) per shard: bounded work per task, parallel downloads.
+        ds = ray.data.read_parquet(files, filesystem=fs, override_num_blocks=len(files))
         build_pipeline(cfg, ds).write_parquet(data_fs_path, filesystem=fs)
     finally:
         ctx.checkpoint_config = None

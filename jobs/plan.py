@@ -14,7 +14,7 @@ import pyarrow as pa
 import ray
 
 from jobs.config import ConfigError, JobConfig
-from operators.sources import bucket_path, expand_paths, merge_bucket, scatter_file, unify_extra_schema
+from operators.sources import bucket_dir, expand_paths, merge_bucket, scatter_file, unify_extra_schema
 from operators.storage import fsspec_fs, join, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,8 @@ def run_plan(cfg: JobConfig) -> dict:
     extra = unify_extra_schema([pa.ipc.read_schema(pa.py_buffer(s["extra_schema"])) for s in file_stats])
     samples_dir = join(pdir, "samples")
     merge = ray.remote(num_cpus=1, max_retries=3)(merge_bucket)
-    bucket_stats = ray.get([merge.remote(b, scatter_dir, bucket_path(samples_dir, b), extra, cfg.storage)
+    bucket_stats = ray.get([merge.remote(b, scatter_dir, bucket_dir(samples_dir, b), extra, cfg.storage,
+                                         cfg.plan.shard_rows)
                             for b in range(nb)])
     fs.rm(sp, recursive=True)
     manifest = {
@@ -71,7 +72,7 @@ def run_plan(cfg: JobConfig) -> dict:
         "samples": sum(b["samples"] for b in bucket_stats),
         "invalid_urls": sum(b["invalid"] for b in bucket_stats),
         "buckets": [{"bucket": b["bucket"], "samples": b["samples"],
-                     "path": bucket_path(samples_dir, b["bucket"])} for b in bucket_stats],
+                     "files": b["files"]} for b in bucket_stats],
         "extra_columns": [f.name for f in extra],
         "seconds": round(time.time() - t0, 3),
     }

@@ -12,11 +12,12 @@ import asyncio
 import email.utils
 import ipaddress
 import logging
+import queue
 import random
 import threading
 import time
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Iterator
 from urllib.parse import urljoin, urlsplit
 
 import pyarrow as pa
@@ -56,7 +57,8 @@ class DownloadConfig(BaseModel):
     dns_cache_ttl_s: float = Field(300.0, ge=0)
     # Resources: I/O bound, so a fraction of a CPU each; overridable from config.
     num_cpus: float = Field(0.5, gt=0)
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(4096, ge=1, description="rows handed to one actor call (a sample shard)")
+    yield_rows: int = Field(64, ge=1, description="finished rows passed downstream together")
     pool_min: int = Field(1, ge=1)
     pool_max: int = Field(4, ge=1)
     batches_in_flight: int = Field(4, ge=1, description="Ray batches one actor works on at once")
@@ -219,32 +221,70 @@ class HttpDownloader(Operator):
             pass
 
     # -- batch -----------------------------------------------------------------------
-    def process(self, batch: pa.Table) -> pa.Table:
+    def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
+        """Yield the batch's rows in chunks as their downloads finish (a sliding window).
+
+        No batch barrier: one slow URL holds back only its own chunk, and finished
+        images flow downstream while the rest of the batch is still downloading.
+        """
+        missing = [c for c in self.reads if c not in batch.column_names]
+        if missing:
+            raise KeyError(f"{self.name}: input lacks columns {missing}")
         alive = alive_mask(batch)
-        urls = batch.column("url").to_pylist()
+        dead = [i for i, a in enumerate(alive) if not a]
+        if dead:
+            yield self._assemble(batch, dead, {})
         todo = [i for i, a in enumerate(alive) if a]
-        results: dict[int, Fetched] = {}
-        if todo:
-            loop = self._ensure_loop()
-            fut = asyncio.run_coroutine_threadsafe(self._fetch_all([urls[i] for i in todo]), loop)
-            for i, r in zip(todo, fut.result()):
-                results[i] = r
-        n = batch.num_rows
+        if not todo:
+            return
+        chunk: dict[int, Fetched] = {}
+        for i, r in self._stream(batch, todo):
+            chunk[i] = r
+            if len(chunk) >= self.config.yield_rows:
+                yield self._assemble(batch, list(chunk), chunk)
+                chunk = {}
+        if chunk:
+            yield self._assemble(batch, list(chunk), chunk)
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        """All rows at once, in input order (direct use and tests)."""
+        todo = [i for i, a in enumerate(alive_mask(batch)) if a]
+        results = dict(self._stream(batch, todo)) if todo else {}
+        return self._assemble(batch, list(range(batch.num_rows)), results)
+
+    def _stream(self, batch: pa.Table, todo: list[int]) -> Iterator[tuple[int, Fetched]]:
+        urls = batch.column("url").to_pylist()
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        loop = self._ensure_loop()
+        asyncio.run_coroutine_threadsafe(self._produce([(i, urls[i]) for i in todo], q), loop)
+        for _ in range(len(todo)):
+            yield q.get()
+
+    async def _produce(self, items: list[tuple[int, str]], q: queue.SimpleQueue) -> None:
+        async def one(i: int, url: str) -> None:
+            try:
+                r = await self._fetch_with_retries(url)
+            except Exception as exc:  # noqa: BLE001 - a bug must not crash the job: record it
+                log.exception("download of %r raised", url)
+                r = Fetched(status=FAILED, reason="internal_error", message=f"{type(exc).__name__}: {exc}"[:300])
+            q.put((i, r))
+
+        await asyncio.gather(*(one(i, u) for i, u in items))
+
+    def _assemble(self, batch: pa.Table, idx: list[int], results: dict[int, Fetched]) -> pa.Table:
+        sub = batch.take(pa.array(idx, pa.int64()))
         empty = Fetched()
-        rows = [results.get(i, empty) for i in range(n)]
-        batch = set_columns(batch, {
+        rows = [results.get(i, empty) for i in idx]
+        done = [i in results for i in idx]
+        sub = set_columns(sub, {
             "image_bytes": pa.array([r.body for r in rows], pa.binary()),
             "http_status": pa.array([r.http_status for r in rows], pa.int16()),
             "content_type": pa.array([r.content_type for r in rows], pa.string()),
             "final_url": pa.array([r.final_url for r in rows], pa.string()),
-            "download_attempts": pa.array([r.attempts if i in results else None for i, r in enumerate(rows)], pa.int8()),
+            "download_attempts": pa.array([r.attempts if d else None for r, d in zip(rows, done)], pa.int8()),
             "download_ms": pa.array([r.elapsed_ms for r in rows], pa.float32()),
         })
-        return mark(batch, self.name, [(r.status, r.reason, r.message) if i in results else None
-                                       for i, r in enumerate(rows)])
-
-    async def _fetch_all(self, urls: list[str]) -> list[Fetched]:
-        return await asyncio.gather(*(self._fetch_with_retries(u) for u in urls))
+        return mark(sub, self.name, [(r.status, r.reason, r.message) if d else None for r, d in zip(rows, done)])
 
     async def _fetch_with_retries(self, url: str) -> Fetched:
         c = self.config

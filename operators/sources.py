@@ -364,9 +364,13 @@ def scatter_file(file_index: int, path: str, cfg: SourceConfig, storage: Storage
     return {"file": path, "rows": rows, "extra_schema": extra.serialize().to_pybytes()}
 
 
-def merge_bucket(bucket: int, scatter_dir: str, out_path: str, extra_schema: pa.Schema,
-                 storage: StorageConfig | None) -> dict:
-    """Merge one bucket's rows by sample_id into samples and write them as one Parquet file."""
+def merge_bucket(bucket: int, scatter_dir: str, out_dir: str, extra_schema: pa.Schema,
+                 storage: StorageConfig | None, shard_rows: int = 4096) -> dict:
+    """Merge one bucket's rows by sample_id into samples, written as shards of <= shard_rows.
+
+    Small shards bound the work (and memory) of one phase-1 task, as img2dataset's
+    10,000-sample shards do.
+    """
     fs, base = fsspec_fs(scatter_dir, storage)
     d = posixpath.join(base, f"bucket={bucket:05d}")
     parts = sorted(fs.find(d)) if fs.exists(d) else []
@@ -379,11 +383,18 @@ def merge_bucket(bucket: int, scatter_dir: str, out_path: str, extra_schema: pa.
     else:
         t = conform(_empty_rows(), extra_schema)
     samples = merge_rows(t, extra_schema)
-    ofs, op = fsspec_fs(out_path, storage)
-    ofs.makedirs(posixpath.dirname(op), exist_ok=True)
-    with ofs.open(op, "wb") as f:
-        pq.write_table(samples, f)
-    return {"bucket": bucket, "rows": t.num_rows, "samples": samples.num_rows,
+    ofs, op = fsspec_fs(out_dir, storage)
+    if ofs.exists(op):  # a retried task starts its bucket over
+        ofs.rm(op, recursive=True)
+    ofs.makedirs(op, exist_ok=True)
+    proto = out_dir.split("://", 1)[0] + "://" if "://" in out_dir else ""
+    files = []
+    for k, start in enumerate(range(0, samples.num_rows, shard_rows)):
+        path = posixpath.join(op, f"part-{k:05d}.parquet")
+        with ofs.open(path, "wb") as f:
+            pq.write_table(samples.slice(start, shard_rows), f)
+        files.append(proto + path)
+    return {"bucket": bucket, "rows": t.num_rows, "samples": samples.num_rows, "files": files,
             "invalid": int(pc.sum(pc.equal(samples.column("status"), FAILED)).as_py() or 0)}
 
 
@@ -449,5 +460,5 @@ def merge_rows(rows: pa.Table, extra_schema: pa.Schema) -> pa.Table:
     return pa.table(cols)
 
 
-def bucket_path(samples_dir: str, bucket: int) -> str:
-    return join(samples_dir, f"bucket={bucket:05d}.parquet")
+def bucket_dir(samples_dir: str, bucket: int) -> str:
+    return join(samples_dir, f"bucket={bucket:05d}")

@@ -19,7 +19,7 @@ def fetch(image_server):
         d = HttpDownloader(DownloadConfig(**{**FAST, **overrides}))
         downloaders.append(d)
         urls = [p if p.startswith("http") else image_server.url(p) for p in paths]
-        return d(batch_of(urls)).to_pylist()
+        return d.process(batch_of(urls)).to_pylist()
 
     yield run
     for d in downloaders:
@@ -100,7 +100,7 @@ def test_dropped_rows_are_not_fetched(fetch, image_server):
     image_server.reset_hits()
     d = HttpDownloader(DownloadConfig(**FAST))
     try:
-        out = d(batch_of([image_server.url("/img/00005.jpg")], status=["failed"])).to_pylist()[0]
+        out = d.process(batch_of([image_server.url("/img/00005.jpg")], status=["failed"])).to_pylist()[0]
     finally:
         d.close()
     assert out["status"] == "failed" and out["image_bytes"] is None
@@ -178,3 +178,25 @@ def test_config_rejects_bad_values():
         DownloadConfig(allow_networks=["not-a-net"])
     with pytest.raises(ValueError, match="timeout_s"):
         DownloadConfig(timeout_s=-1)
+
+
+def test_streaming_call_yields_every_row_once(image_server):
+    """The Ray-facing generator form: chunks as downloads finish, union == input rows."""
+    import pyarrow as pa
+
+    paths = ["/img/00001.jpg", "/status/404", "/slow/0.3/00002.jpg", "/img/00003.jpg", "/html"]
+    urls = [image_server.url(p) for p in paths]
+    status = ["kept", "kept", "kept", "dropped", "kept"]
+    d = HttpDownloader(DownloadConfig(**{**FAST, "yield_rows": 2}))
+    try:
+        chunks = list(d(batch_of(urls, status=status)))
+    finally:
+        d.close()
+    assert len(chunks) >= 2
+    out = pa.concat_tables(chunks).to_pylist()
+    assert sorted(r["sample_id"] for r in out) == [f"id{i}" for i in range(5)]
+    by_url = {r["url"]: r for r in out}
+    assert by_url[urls[0]]["status"] == "kept" and by_url[urls[0]]["image_bytes"]
+    assert by_url[urls[1]]["drop_reason"] == "http_404"
+    assert by_url[urls[3]]["status"] == "dropped" and by_url[urls[3]]["drop_stage"] is None  # untouched
+    assert by_url[urls[4]]["drop_reason"] == "not_image"
