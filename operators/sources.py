@@ -138,7 +138,7 @@ def clean_caption(value, max_chars: int) -> str | None:
     value = _WS.sub(" ", value).strip()
     if not value:
         return None
-    return value[:max_chars]
+    return value[:max_chars].rstrip()  # a cut may end on a collapsed blank
 
 
 # --- reading inputs -----------------------------------------------------------------
