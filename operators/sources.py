@@ -195,7 +195,8 @@ def iter_rows(path: str, cfg: SourceConfig, storage: StorageConfig | None) -> It
         return
     compression = "gzip" if p.lower().endswith(".gz") else None
     with fs.open(p, "rb", compression=compression) as raw:
-        text = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
+        # utf-8-sig: spreadsheet exports start with a BOM, which would hide the first column name.
+        text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")
         if fmt in ("csv", "tsv"):
             csv.field_size_limit(1 << 24)
             reader = csv.reader(text, delimiter="," if fmt == "csv" else "\t")
