@@ -32,6 +32,7 @@ from operators.storage import StorageConfig, fsspec_fs, join
 log = logging.getLogger(__name__)
 
 InputFormat = Literal["auto", "parquet", "csv", "tsv", "jsonl"]
+BAD_LINE = "__bad_line__"  # iter_rows' column for a JSONL line that is not a JSON object
 SAMPLE_ID_HEX = 32  # 128-bit blake2b of the normalized URL
 RESERVED_COLUMNS = ("sample_id", "url", "url_original", "captions", "caption_sources", "n_input_rows",
                     "input_file", "input_row", "status", "drop_stage", "drop_reason", "error_message")
@@ -226,7 +227,7 @@ def iter_rows(path: str, cfg: SourceConfig, storage: StorageConfig | None) -> It
                 if not isinstance(obj, dict):
                     raise ValueError("not an object")
             except ValueError:
-                obj = {"__bad_line__": line[:500]}
+                obj = {BAD_LINE: line[:500]}
             keys.update(dict.fromkeys(obj))
             rows.append(obj)
             if len(rows) >= cfg.read_batch_rows:
@@ -240,17 +241,23 @@ def normalize_rows(table: pa.Table, cfg: SourceConfig, input_file: str, first_ro
     """Raw rows -> one row per input row with id, URL verdict, captions and extras."""
     n = table.num_rows
     urls = table.column(cfg.url_column).to_pylist() if cfg.url_column in table.column_names else [None] * n
+    # JSONL lines that are not a JSON object (see iter_rows): recorded with their text, not as missing URLs.
+    bad = table.column(BAD_LINE).to_pylist() if BAD_LINE in table.column_names else [None] * n
     ids, norm, status, reason, msg = [], [], [], [], []
     for i, raw in enumerate(urls):
-        u, why = normalize_url(raw, cfg.max_url_length)
+        u, why = normalize_url(raw, cfg.max_url_length) if bad[i] is None else (None, "bad_line")
         if u is None:
             ids.append(invalid_sample_id(input_file, first_row + i))
             norm.append(None)
             status.append(FAILED)
             reason.append(why)
             shown = raw if isinstance(raw, str) else repr(raw)
-            msg.append(f"unusable URL: {shown[:200]!r}" if cfg.url_column in table.column_names
-                       else f"input has no column {cfg.url_column!r}")
+            if bad[i] is not None:
+                msg.append(f"input line is not a JSON object: {bad[i][:200]!r}")
+            elif cfg.url_column in table.column_names:
+                msg.append(f"unusable URL: {shown[:200]!r}")
+            else:
+                msg.append(f"input has no column {cfg.url_column!r}")
         else:
             ids.append(sample_id_of(u))
             norm.append(u)
@@ -280,7 +287,7 @@ def normalize_rows(table: pa.Table, cfg: SourceConfig, input_file: str, first_ro
         "drop_reason": pa.array(reason, pa.string()),
         "error_message": pa.array(msg, pa.string()),
     }
-    skip = {cfg.url_column, *cfg.caption_columns, "__bad_line__"}
+    skip = {cfg.url_column, *cfg.caption_columns, BAD_LINE}
     extras = [c for c in table.column_names if c not in skip] if cfg.extra_columns == "all" else [
         c for c in cfg.extra_columns if c in table.column_names]
     for c in extras:
