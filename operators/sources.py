@@ -299,8 +299,12 @@ def normalize_rows(table: pa.Table, cfg: SourceConfig, input_file: str, first_ro
     return pa.table(out)
 
 
-def unify_extra_schema(schemas: list[pa.Schema]) -> pa.Schema:
-    """One schema for the extra columns of all files; conflicting types become strings."""
+def unify_extra_schema(schemas: list[pa.Schema], keep_null: bool = False) -> pa.Schema:
+    """One schema for the extra columns of all files; conflicting types become strings.
+
+    A column that is null-typed everywhere becomes a string column, unless ``keep_null``
+    (a per-file schema: another file may still give the column its real type).
+    """
     fields: dict[str, pa.DataType] = {}
     for schema in schemas:
         for f in schema:
@@ -315,7 +319,8 @@ def unify_extra_schema(schemas: list[pa.Schema]) -> pa.Schema:
                 fields[f.name] = f.type
             else:
                 fields[f.name] = pa.string()
-    return pa.schema([pa.field(k, v if not pa.types.is_null(v) else pa.string()) for k, v in fields.items()])
+    return pa.schema([pa.field(k, v if keep_null or not pa.types.is_null(v) else pa.string())
+                      for k, v in fields.items()])
 
 
 def conform(table: pa.Table, extra_schema: pa.Schema) -> pa.Table:
@@ -368,7 +373,7 @@ def scatter_file(file_index: int, path: str, cfg: SourceConfig, storage: Storage
             flush()
     if buffered:
         flush()
-    extra = unify_extra_schema(schemas) if schemas else pa.schema([])
+    extra = unify_extra_schema(schemas, keep_null=True) if schemas else pa.schema([])
     return {"file": path, "rows": rows, "extra_schema": extra.serialize().to_pybytes()}
 
 
