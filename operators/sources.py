@@ -152,7 +152,9 @@ def expand_paths(cfg: SourceConfig, storage: StorageConfig | None) -> list[str]:
         if any(ch in p for ch in "*?["):
             found = sorted(fs.glob(p))
         elif fs.isdir(p):
-            found = sorted(f for f in fs.find(p) if not posixpath.basename(f).startswith(("_", ".")))
+            # Skip _SUCCESS, .crc and whole _temporary/ or .cache/ trees (any part of the relative path).
+            found = sorted(f for f in fs.find(p)
+                           if not any(part.startswith(("_", ".")) for part in posixpath.relpath(f, p).split("/")))
         elif fs.exists(p):
             found = [p]
         else:
