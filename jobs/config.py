@@ -92,9 +92,11 @@ def apply_override(data: dict, assignment: str) -> None:
         raise ConfigError(f"--set has an empty key in {assignment!r}")
     node = data
     for p in parts[:-1]:
-        if not isinstance(node.get(p, {}), dict):
+        if node.get(p) is None:  # absent, or a YAML section left empty (`ray:`)
+            node[p] = {}
+        if not isinstance(node[p], dict):
             raise ConfigError(f"--set {key}: {p!r} is not a section")
-        node = node.setdefault(p, {})
+        node = node[p]
     node[parts[-1]] = _parse_value(value)
 
 
