@@ -51,8 +51,10 @@ class RayConfig(BaseModel):
 
     address: str | None = Field(None, description="None: RAY_ADDRESS or a new local Ray; 'auto': a running cluster")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray started by the job")
+    node_ip_address: str | None = Field(None, description="IP a local Ray binds to (127.0.0.1 for dry runs)")
     object_store_memory_mb: int | None = Field(None, ge=64)
     progress_bars: bool = True
+    target_max_block_mb: float = Field(64.0, gt=0, description="Ray Data block size: also the unit of writes/resume")
     checkpoint: bool = Field(True, description="row-level resume with Ray Data checkpointing")
 
 

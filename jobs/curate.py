@@ -39,6 +39,8 @@ def init_ray(cfg: JobConfig) -> None:
     if cfg.ray.address in (None, "local"):
         if cfg.ray.num_cpus:
             kwargs["num_cpus"] = cfg.ray.num_cpus
+        if cfg.ray.node_ip_address:
+            kwargs["_node_ip_address"] = cfg.ray.node_ip_address
         if cfg.ray.object_store_memory_mb:
             kwargs["object_store_memory"] = cfg.ray.object_store_memory_mb * 1024 * 1024
     try:
@@ -48,6 +50,7 @@ def init_ray(cfg: JobConfig) -> None:
         kwargs.pop("num_cpus", None)
         kwargs.pop("object_store_memory", None)
         kwargs.pop("include_dashboard", None)
+        kwargs.pop("_node_ip_address", None)
         ray.init(**kwargs)
 
 
@@ -57,6 +60,7 @@ def _data_context(cfg: JobConfig):
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.ray.progress_bars
     ctx.enable_operator_progress_bars = cfg.ray.progress_bars
+    ctx.target_max_block_size = int(cfg.ray.target_max_block_mb * 1024 * 1024)
     return ctx
 
 

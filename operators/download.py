@@ -261,15 +261,19 @@ class HttpDownloader(Operator):
             yield q.get()
 
     async def _produce(self, items: list[tuple[int, str]], q: queue.SimpleQueue) -> None:
-        async def one(i: int, url: str) -> None:
-            try:
-                r = await self._fetch_with_retries(url)
-            except Exception as exc:  # noqa: BLE001 - a bug must not crash the job: record it
-                log.exception("download of %r raised", url)
-                r = Fetched(status=FAILED, reason="internal_error", message=f"{type(exc).__name__}: {exc}"[:300])
-            q.put((i, r))
+        """A fixed pool of workers walks the rows: memory stays bounded however large the batch."""
+        it = iter(items)
 
-        await asyncio.gather(*(one(i, u) for i, u in items))
+        async def worker() -> None:
+            for i, url in it:
+                try:
+                    r = await self._fetch_with_retries(url)
+                except Exception as exc:  # noqa: BLE001 - a bug must not crash the job: record it
+                    log.exception("download of %r raised", url)
+                    r = Fetched(status=FAILED, reason="internal_error", message=f"{type(exc).__name__}: {exc}"[:300])
+                q.put((i, r))
+
+        await asyncio.gather(*(worker() for _ in range(min(self.config.concurrency, len(items)))))
 
     def _assemble(self, batch: pa.Table, idx: list[int], results: dict[int, Fetched]) -> pa.Table:
         sub = batch.take(pa.array(idx, pa.int64()))

@@ -54,7 +54,8 @@ def image_server(sample_dir):
 def ray_session():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # Bind Ray to loopback: tests send traffic to 127.0.0.0/8 only.
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     from ray.data import DataContext
 
     ctx = DataContext.get_current()

@@ -1,0 +1,17 @@
+"""Building job configs for pipeline tests on the local sample server."""
+
+from __future__ import annotations
+
+import yaml
+
+from jobs.config import CONFIG_DIR, JobConfig, load_config
+
+
+def job_config(urls: str | list[str], out: str, overrides: list[str] | None = None, **sections) -> JobConfig:
+    """configs/dryrun.yaml with the given input and output (and section overrides)."""
+    data = yaml.safe_load((CONFIG_DIR / "dryrun.yaml").read_text())
+    data["input"]["paths"] = [urls] if isinstance(urls, str) else list(urls)
+    data["output"]["path"] = out
+    for key, values in sections.items():
+        data.setdefault(key, {}).update(values)
+    return load_config(data=data, overrides=overrides)

@@ -1,0 +1,103 @@
+"""The whole job on a real local Ray against the local sample server: every sample once, with its reason."""
+
+from __future__ import annotations
+
+import io
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import curate
+from jobs.config import ConfigError
+from jobs.sample_data import sample_cases, write_url_list
+from tests.conftest import N_GOOD
+from tests.pipeline_helpers import job_config
+
+
+@pytest.fixture(scope="module")
+def finished_run(ray_session, image_server, tmp_path_factory):
+    work = tmp_path_factory.mktemp("pipeline")
+    urls = write_url_list(sample_cases(N_GOOD), image_server.base_url, str(work / "urls.csv"))
+    cfg = job_config(urls, str(work / "out"))
+    manifest = curate.run(cfg)
+    table = pq.read_table(str(work / "out" / "data"))
+    return cfg, manifest, table
+
+
+def test_every_sample_exactly_once_with_expected_outcome(finished_run):
+    cfg, manifest, table = finished_run
+    ids = table.column("sample_id").to_pylist()
+    assert len(ids) == len(set(ids)) == manifest["samples"]
+    cases = sample_cases(N_GOOD)
+    assert manifest["input_rows"] == len(cases)
+    mismatched = []
+    for row in table.select(["url_original", "expect", "status", "drop_reason"]).to_pylist():
+        got = "kept" if row["status"] == "kept" else row["drop_reason"]
+        if got != row["expect"]:
+            mismatched.append(row)
+    assert not mismatched, mismatched[:5]
+    assert sum(manifest["outcomes"].values()) == manifest["samples"]
+
+
+def test_kept_rows_have_resized_images_and_dropped_rows_none(finished_run):
+    from PIL import Image
+
+    _, _, table = finished_run
+    size = 128  # configs/dryrun.yaml
+    for row in table.select(["status", "image", "width", "height", "sha256"]).to_pylist():
+        if row["status"] == "kept":
+            im = Image.open(io.BytesIO(row["image"]))
+            assert im.size == (size, size) == (row["width"], row["height"])
+            assert len(row["sha256"]) == 64
+        else:
+            assert row["image"] is None
+
+
+def test_duplicate_urls_merge_into_one_sample(finished_run):
+    _, _, table = finished_run
+    merged = table.filter(pc.greater(table.column("n_input_rows"), 1))
+    assert merged.num_rows >= 10
+    for row in merged.select(["captions", "caption_sources", "n_input_rows"]).to_pylist():
+        assert len(row["captions"]) == len(row["caption_sources"]) >= 1
+    # Every input row is accounted for by some sample.
+    assert pc.sum(table.column("n_input_rows")).as_py() == len(sample_cases(N_GOOD))
+
+
+def test_manifest_written_last_with_versions_and_counts(finished_run):
+    cfg, manifest, _ = finished_run
+    from operators.storage import read_json
+
+    on_disk = read_json(cfg.output.path + "/_manifest.json")
+    assert on_disk["samples"] == manifest["samples"]
+    assert on_disk["versions"]["ray"] and on_disk["config"]["download"]["allow_loopback"] is True
+    assert on_disk["outcomes"]["failed/download/http_404"] >= 10
+    assert set(on_disk["data_files"]) and all(f.endswith(".parquet") for f in on_disk["data_files"])
+
+
+def test_rerun_resumes_without_redoing_work(finished_run, image_server):
+    cfg, manifest, table = finished_run
+    image_server.reset_hits()
+    again = curate.run(cfg)
+    assert again["waves_resumed"] == len(again["waves"]) >= 1
+    assert sum(image_server.hits.values()) == 0
+    assert pq.read_table(cfg.output.path + "/data").num_rows == table.num_rows
+
+
+def test_other_config_on_same_output_is_refused(finished_run):
+    cfg, _, _ = finished_run
+    other = cfg.model_copy(update={"images": cfg.images.model_copy(update={"image_size": 64})})
+    with pytest.raises(ConfigError, match="another config"):
+        curate.run(other)
+
+
+def test_several_waves_and_input_formats(ray_session, image_server, tmp_path):
+    cases = sample_cases(N_GOOD)
+    half = len(cases) // 2
+    a = write_url_list(cases[:half], image_server.base_url, str(tmp_path / "a.parquet"), fmt="parquet")
+    b = write_url_list(cases[half:], image_server.base_url, str(tmp_path / "b.jsonl"), fmt="jsonl")
+    cfg = job_config([a, b], str(tmp_path / "out"), plan={"wave_max_samples": 60, "num_buckets": 8})
+    manifest = curate.run(cfg)
+    assert len(manifest["waves"]) >= 2
+    table = pq.read_table(str(tmp_path / "out" / "data"))
+    assert table.num_rows == manifest["samples"] == len(set(table.column("sample_id").to_pylist()))
