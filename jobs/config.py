@@ -19,7 +19,13 @@ from operators.images import ImageConfig
 from operators.sources import SourceConfig
 from operators.storage import StorageConfig
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+def _config_dir() -> Path:
+    """configs/ of the source tree (editable install, container WORKDIR), else of the cwd."""
+    here = Path(__file__).resolve().parent.parent / "configs"
+    return here if here.is_dir() else Path.cwd() / "configs"
+
+
+CONFIG_DIR = _config_dir()
 
 
 class ConfigError(ValueError):
