@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from operators.clip import ClipConfig
 from operators.download import DownloadConfig
 from operators.images import ImageConfig
 from operators.sources import SourceConfig
@@ -74,6 +75,7 @@ class JobConfig(BaseModel):
     plan: PlanConfig = PlanConfig()
     download: DownloadConfig = DownloadConfig()
     images: ImageConfig = ImageConfig()
+    clip: ClipConfig = ClipConfig()
     ray: RayConfig = RayConfig()
 
     def fingerprint(self, *sections: str) -> str:
@@ -140,6 +142,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for o in overrides or []:
         apply_override(data, o)
     try:
-        return JobConfig.model_validate(data)
+        cfg = JobConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_error(exc)) from None
+    if cfg.clip.model_config_path:
+        cfg.clip.model_config_path = _local_file(cfg.clip.model_config_path, "clip.model_config_path")
+    return cfg
+
+
+def _local_file(path: str, key: str) -> str:
+    """An absolute path (workers may run elsewhere): relative to the cwd, else to the project root."""
+    for base in (Path.cwd(), CONFIG_DIR.parent):
+        p = (base / path).resolve()
+        if p.exists():
+            return str(p)
+    raise ConfigError(f"bad value for {key!r}: {path!r} (file not found)")

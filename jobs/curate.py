@@ -19,6 +19,7 @@ import ray
 
 from jobs.config import ConfigError, JobConfig, load_config
 from jobs.plan import run_plan, waves_of
+from operators.clip import ClipEmbedder, model_report
 from operators.download import HttpDownloader
 from operators.images import ImageProcessor, process_images
 from operators.sinks import count_written, sink_prep
@@ -94,6 +95,12 @@ def build_pipeline(cfg: JobConfig, ds):
     im = ImageProcessor.resources(cfg.images)
     ds = ds.map_batches(process_images, fn_kwargs={"config": cfg.images}, batch_format="pyarrow",
                         batch_size=im.batch_size, num_cpus=im.num_cpus)
+    if cfg.clip.enabled:
+        c = ClipEmbedder.resources(cfg.clip)
+        ds = ds.map_batches(
+            ClipEmbedder, fn_constructor_kwargs={"config": cfg.clip, "storage": cfg.storage}, batch_format="pyarrow",
+            batch_size=c.batch_size, num_cpus=c.num_cpus, num_gpus=c.num_gpus or None,
+            compute=ActorPoolStrategy(min_size=c.pool[0], max_size=c.pool[1]))
     return ds.map_batches(sink_prep, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
 
 
@@ -184,7 +191,7 @@ def run(cfg: JobConfig) -> dict:
         "name": cfg.name,
         "config": cfg.model_dump(mode="json"),
         "versions": versions(),
-        "models": {},
+        "models": {"clip": model_report(cfg.clip)} if cfg.clip.enabled else {},
         "input_rows": plan["input_rows"],
         "samples": plan["samples"],
         "outcomes": dict(sorted(outcomes.items())),
@@ -218,8 +225,12 @@ def summary_table(manifest: dict) -> str:
     lines += [rule, f"{manifest['input_rows']} input rows -> {manifest['samples']} samples; "
               f"plan {t['plan_s']:.1f}s, download+images {t['phase1_s']:.1f}s "
               f"({manifest['throughput_samples_per_s']:.1f} samples/s), total {t['total_s']:.1f}s"]
-    if not manifest.get("models"):
-        lines.append("models: none in this pipeline yet (download and images only)")
+    models = manifest.get("models") or {}
+    if not models:
+        lines.append("models: none enabled (download and images only)")
+    for stage, m in models.items():
+        note = "RANDOM WEIGHTS (scores are meaningless)" if m.get("random_weights") else f"pretrained={m['pretrained']}"
+        lines.append(f"models: {stage} = {m['model']} ({note})")
     return "\n".join(lines)
 
 

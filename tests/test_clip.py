@@ -1,0 +1,162 @@
+"""ClipEmbedder with a tiny random-weight open_clip model built from a config (no downloads)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+torch = pytest.importorskip("torch")
+open_clip = pytest.importorskip("open_clip")
+
+from operators.clip import ClipConfig, ClipEmbedder, threshold_reason  # noqa: E402
+from tests.conftest import ROOT  # noqa: E402
+
+TINY = "imgcurate-tiny-clip"
+TINY_CONFIG = str(ROOT / "configs" / "models" / f"{TINY}.json")
+
+
+def jpeg(seed: int, size=(48, 64)) -> bytes:
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    buf = io.BytesIO()
+    Image.fromarray((rng.rand(size[0], size[1], 3) * 255).astype("uint8")).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def batch(images, captions, status=None) -> pa.Table:
+    n = len(images)
+    return pa.table({
+        "sample_id": [f"s{i}" for i in range(n)],
+        "status": status or ["kept"] * n,
+        "drop_stage": pa.array([None if (status or ["kept"] * n)[i] == "kept" else "download" for i in range(n)],
+                               pa.string()),
+        "drop_reason": pa.array([None if (status or ["kept"] * n)[i] == "kept" else "http_404" for i in range(n)],
+                                pa.string()),
+        "error_message": pa.array([None] * n, pa.string()),
+        "image": pa.array(images, pa.binary()),
+        "captions": pa.array(captions, pa.list_(pa.string())),
+    })
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    """A tiny random CLIP saved by the test, so every load below gets the same weights."""
+    open_clip.add_model_config(TINY_CONFIG)
+    torch.manual_seed(0)
+    model = open_clip.create_model(TINY, pretrained=None)
+    path = tmp_path_factory.mktemp("clip") / "tiny.pt"
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+def embedder(pretrained, **kw) -> ClipEmbedder:
+    return ClipEmbedder(ClipConfig(enabled=True, model=TINY, pretrained=pretrained, model_config_path=TINY_CONFIG,
+                                   device="cpu", **kw))
+
+
+def direct_scores(ckpt: str, image: bytes, captions: list[str]) -> np.ndarray:
+    from PIL import Image
+
+    model, _, preprocess = open_clip.create_model_and_transforms(TINY, pretrained=ckpt)
+    model.eval()
+    tok = open_clip.get_tokenizer(TINY)
+    with torch.no_grad():
+        im = model.encode_image(preprocess(Image.open(io.BytesIO(image)).convert("RGB"))[None])
+        tx = model.encode_text(tok(captions))
+    im = im / im.norm(dim=-1, keepdim=True)
+    tx = tx / tx.norm(dim=-1, keepdim=True)
+    return (tx @ im[0]).numpy()
+
+
+def test_scores_equal_direct_open_clip(checkpoint):
+    imgs = [jpeg(1), jpeg(2)]
+    caps = [["a photo of a dog", "a red square"], ["tree"]]
+    out = embedder(checkpoint)(batch(imgs, caps)).to_pylist()
+    for row, img, cap in zip(out, imgs, caps):
+        want = direct_scores(checkpoint, img, cap)
+        np.testing.assert_allclose(row["clip_scores"], want, rtol=1e-4, atol=1e-5)
+        assert row["clip_score"] == pytest.approx(float(want.max()), abs=1e-5)
+        assert row["clip_best_caption"] == int(np.argmax(want))
+
+
+def test_embeddings_fixed_size_normalized_float16(checkpoint):
+    t = embedder(checkpoint)(batch([jpeg(3)], [["x"]]))
+    typ = t.schema.field("clip_image_embedding").type
+    assert pa.types.is_fixed_size_list(typ) and typ.value_type == pa.float16() and typ.list_size == 32
+    emb = np.asarray(t.column("clip_image_embedding").to_pylist()[0], dtype=np.float32)
+    assert abs(np.linalg.norm(emb) - 1.0) < 1e-2
+    txt = np.asarray(t.column("clip_text_embedding").to_pylist()[0], dtype=np.float32)
+    assert float(emb @ txt) == pytest.approx(t.column("clip_score").to_pylist()[0], abs=1e-2)
+
+
+def test_threshold_edges(checkpoint):
+    img, caps = jpeg(4), ["a caption"]
+    score = float(direct_scores(checkpoint, img, caps).max())
+    at = embedder(checkpoint, min_score=round(score, 6) - 1e-6)(batch([img], [caps])).to_pylist()[0]
+    assert at["status"] == "kept"
+    above = embedder(checkpoint, min_score=min(1.0, score + 1e-3))(batch([img], [caps])).to_pylist()[0]
+    assert above["status"] == "dropped" and above["drop_stage"] == "clip"
+    assert above["drop_reason"] == threshold_reason(min(1.0, score + 1e-3))
+    assert threshold_reason(0.28) == "clip_below_0.28"
+
+
+def test_dropped_rows_untouched_and_not_computed(checkpoint):
+    t = batch([b"not even an image", jpeg(5)], [["a"], ["b"]], status=["failed", "kept"])
+    out = embedder(checkpoint)(t).to_pylist()
+    assert out[0]["status"] == "failed" and out[0]["drop_reason"] == "http_404"  # untouched, no decode attempt
+    assert out[0]["clip_score"] is None and out[0]["clip_image_embedding"] is None
+    assert out[1]["clip_score"] is not None
+
+
+def test_batch_of_only_dropped_rows_keeps_the_schema(checkpoint):
+    t = embedder(checkpoint)(batch([None], [["a"]], status=["dropped"]))
+    assert pa.types.is_fixed_size_list(t.schema.field("clip_image_embedding").type)
+
+
+def test_corrupt_bytes_become_a_recorded_failure(checkpoint):
+    out = embedder(checkpoint)(batch([b"\xff\xd8\xff\xe0garbage", jpeg(6)], [["a"], ["b"]])).to_pylist()
+    assert (out[0]["status"], out[0]["drop_stage"], out[0]["drop_reason"]) == ("failed", "clip", "decode_error")
+    assert out[1]["status"] == "kept"
+
+
+def test_no_caption(checkpoint):
+    out = embedder(checkpoint)(batch([jpeg(7)], [[]])).to_pylist()[0]
+    assert out["status"] == "kept" and out["clip_score"] is None and out["clip_scores"] == []
+    out = embedder(checkpoint, min_score=0.1)(batch([jpeg(7)], [[]])).to_pylist()[0]
+    assert (out["status"], out["drop_reason"]) == ("dropped", "no_caption")
+
+
+def test_checkpoint_from_file_url_and_s3(checkpoint, s3_server, s3fs_client, tmp_path):
+    img, caps = jpeg(8), ["one", "two"]
+    want = direct_scores(checkpoint, img, caps)
+    got = embedder(f"file://{checkpoint}")(batch([img], [caps])).to_pylist()[0]["clip_scores"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    s3fs_client.mkdir("imgcurate-models")
+    s3fs_client.put(checkpoint, "imgcurate-models/clip/tiny.pt")
+    e = ClipEmbedder(ClipConfig(enabled=True, model=TINY, pretrained="s3://imgcurate-models/clip/tiny.pt",
+                                model_config_path=TINY_CONFIG, device="cpu", cache_dir=str(tmp_path / "cache")),
+                     storage={"endpoint_url": s3_server})
+    got = e(batch([img], [caps])).to_pylist()[0]["clip_scores"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert list((tmp_path / "cache").iterdir()), "the s3 checkpoint was not cached locally"
+
+
+def test_resources_declared_by_config_not_probed():
+    r = ClipEmbedder.resources(ClipConfig(num_gpus=1, batch_size=512, pool_max=8))
+    assert (r.num_gpus, r.batch_size, r.pool) == (1, 512, (1, 8))
+    assert ClipEmbedder.resources(ClipConfig(device="cpu")).num_gpus == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_decode_matches_cpu_path(checkpoint):
+    imgs = [jpeg(10, (64, 64)), jpeg(11, (64, 64))]
+    caps = [["a"], ["b"]]
+    cpu = embedder(checkpoint, precision="fp32")(batch(imgs, caps)).column("clip_score").to_pylist()
+    gpu = ClipEmbedder(ClipConfig(enabled=True, model=TINY, pretrained=checkpoint, model_config_path=TINY_CONFIG,
+                                  device="cuda", precision="fp32", decode="gpu"))(batch(imgs, caps))
+    np.testing.assert_allclose(gpu.column("clip_score").to_pylist(), cpu, atol=0.05)
