@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from jobs.select import SelectionConfig
 from operators.clip import ClipConfig
 from operators.download import DownloadConfig
 from operators.images import ImageConfig
@@ -76,6 +77,7 @@ class JobConfig(BaseModel):
     download: DownloadConfig = DownloadConfig()
     images: ImageConfig = ImageConfig()
     clip: ClipConfig = ClipConfig()
+    selection: SelectionConfig = SelectionConfig()
     ray: RayConfig = RayConfig()
 
     def fingerprint(self, *sections: str) -> str:
@@ -145,6 +147,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cfg = JobConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_error(exc)) from None
+    if cfg.selection.clip_top_fraction is not None and not cfg.clip.enabled:
+        raise ConfigError(f"bad value for 'selection.clip_top_fraction': {cfg.selection.clip_top_fraction!r} "
+                          "(needs clip.enabled: true)")
     if cfg.clip.model_config_path:
         cfg.clip.model_config_path = _local_file(cfg.clip.model_config_path, "clip.model_config_path")
     return cfg

@@ -19,6 +19,7 @@ import ray
 
 from jobs.config import ConfigError, JobConfig, load_config
 from jobs.plan import run_plan, waves_of
+from jobs.select import run_selection
 from operators.clip import ClipEmbedder, model_report
 from operators.download import HttpDownloader
 from operators.images import ImageProcessor, process_images
@@ -181,6 +182,9 @@ def run(cfg: JobConfig) -> dict:
         else:
             marker = run_wave(cfg, i, buckets)
         markers.append(marker)
+    t_sel = time.time()
+    selections = run_selection(cfg, [f for m in markers for f in m["files"]])
+    t_sel = time.time() - t_sel
     outcomes: dict[str, int] = {}
     for m in markers:
         for k, v in m["outcomes"].items():
@@ -199,9 +203,10 @@ def run(cfg: JobConfig) -> dict:
         "waves": [{"wave": m["wave"], "samples": m["samples"], "seconds": m["seconds"], "files": m["files"]}
                   for m in markers],
         "waves_resumed": resumed,
+        "selections": selections,
         "data_files": [f for m in markers for f in m["files"]],
         "timings": {"plan_s": round(t_plan, 3), "total_s": round(total, 3),
-                    "phase1_s": round(sum(m["seconds"] for m in markers), 3)},
+                    "phase1_s": round(sum(m["seconds"] for m in markers), 3), "selection_s": round(t_sel, 3)},
         "finished": time.time(),
     }
     manifest["throughput_samples_per_s"] = round(processed / max(manifest["timings"]["phase1_s"], 1e-9), 2)
@@ -225,6 +230,9 @@ def summary_table(manifest: dict) -> str:
     lines += [rule, f"{manifest['input_rows']} input rows -> {manifest['samples']} samples; "
               f"plan {t['plan_s']:.1f}s, download+images {t['phase1_s']:.1f}s "
               f"({manifest['throughput_samples_per_s']:.1f} samples/s), total {t['total_s']:.1f}s"]
+    for name, sel in (manifest.get("selections") or {}).items():
+        lines.append(f"phase 2 {name}: top {sel['fraction']:g} of {sel['scored']} scored samples, threshold "
+                     f"{sel['threshold']:.4f}, {sel['kept']} kept (final status per sample in {sel['sidecars']})")
     models = manifest.get("models") or {}
     if not models:
         lines.append("models: none enabled (download and images only)")

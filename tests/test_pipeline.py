@@ -101,3 +101,24 @@ def test_several_waves_and_input_formats(ray_session, image_server, tmp_path):
     assert len(manifest["waves"]) >= 2
     table = pq.read_table(str(tmp_path / "out" / "data"))
     assert table.num_rows == manifest["samples"] == len(set(table.column("sample_id").to_pylist()))
+
+
+def test_clip_top_fraction_over_the_whole_run(ray_session, image_server, tmp_path):
+    import math
+
+    cases = [c for c in sample_cases(N_GOOD) if c.expect == "kept"][:40]
+    urls = write_url_list(cases, image_server.base_url, str(tmp_path / "urls.csv"))
+    cfg = job_config(urls, str(tmp_path / "out"), selection={"clip_top_fraction": 0.3},
+                     plan={"num_buckets": 4, "shard_rows": 8})
+    manifest = curate.run(cfg)
+    sel = manifest["selections"]["clip_top_fraction"]
+    data = pq.read_table(str(tmp_path / "out" / "data"))
+    side = pq.read_table(str(tmp_path / "out" / "selection" / "clip_top_fraction"))
+    assert sorted(side.column("sample_id").to_pylist()) == sorted(data.column("sample_id").to_pylist())
+    scores = [s for s, st in zip(data.column("clip_score").to_pylist(), data.column("status").to_pylist())
+              if st == "kept" and s is not None]
+    want = sorted(scores, reverse=True)[math.ceil(0.3 * len(scores)) - 1]
+    assert sel["threshold"] == pytest.approx(want, abs=0)
+    kept = side.filter(pc.equal(side.column("status"), "kept")).num_rows
+    assert kept == sel["kept"] == sum(s >= want for s in scores)
+    assert manifest["models"]["clip"]["random_weights"] is True

@@ -1,0 +1,126 @@
+"""Global top-fraction selection with an exact threshold in two streaming passes.
+
+DataComp (Gadre et al., 2023) keeps the top 30% of a pool by CLIP score; Compress & Align
+keeps a top fraction by reward. At billions of rows the scores cannot be sorted in one
+process, so the threshold is found exactly with two mergeable histograms over the float32
+bit pattern (mapped to an order-preserving uint32 key): pass 1 counts the high 16 bits,
+pass 2 counts the low 16 bits inside the one high bucket that holds the cut. Memory is two
+arrays of 65,536 counters per task, whatever the number of rows; partial histograms from
+many tasks simply add. Ties at the threshold are all kept, so the kept count can exceed
+ceil(fraction * N) by the number of rows that share the threshold value.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+BINS = 1 << 16
+
+
+def sortable_keys(values: np.ndarray) -> np.ndarray:
+    """float32 -> uint32 keys with the same order (negative floats flipped, positives offset)."""
+    v = np.ascontiguousarray(values, dtype=np.float32)
+    bits = v.view(np.uint32)
+    neg = (bits >> 31).astype(bool)
+    return np.where(neg, ~bits, bits | np.uint32(0x80000000)).astype(np.uint32)
+
+
+def key_to_float(key: int) -> float:
+    k = np.uint32(key)
+    bits = (k & np.uint32(0x7FFFFFFF)) if (k >> np.uint32(31)) else ~k
+    return float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
+
+
+def scores_of(table: pa.Table, column: str) -> np.ndarray:
+    """Scores of kept rows with a non-null, finite score."""
+    mask = pc.and_(pc.equal(table.column("status"), "kept"), pc.is_valid(table.column(column)))
+    vals = pc.filter(table.column(column), mask).to_numpy(zero_copy_only=False).astype(np.float32)
+    return vals[np.isfinite(vals)]
+
+
+def high_histogram(values: np.ndarray) -> np.ndarray:
+    """Pass 1: counts of the high 16 bits of the keys."""
+    return np.bincount(sortable_keys(values) >> np.uint32(16), minlength=BINS).astype(np.int64)
+
+
+def low_histogram(values: np.ndarray, high: int) -> np.ndarray:
+    """Pass 2: counts of the low 16 bits of the keys whose high 16 bits equal ``high``."""
+    keys = sortable_keys(values)
+    sel = keys[(keys >> np.uint32(16)) == np.uint32(high)]
+    return np.bincount(sel & np.uint32(0xFFFF), minlength=BINS).astype(np.int64)
+
+
+@dataclass
+class Cut:
+    """Where the top ``k`` of ``n`` scores begin."""
+
+    n: int
+    k: int
+    high: int | None = None
+    above_high: int = 0  # rows in high buckets strictly above ``high``
+    threshold: float | None = None
+
+
+def locate_high(hist: np.ndarray, fraction: float) -> Cut:
+    """From the merged pass-1 histogram: the high bucket that holds the k-th largest score."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be within [0, 1], got {fraction}")
+    n = int(hist.sum())
+    k = math.ceil(fraction * n)
+    cut = Cut(n=n, k=k)
+    if k == 0:
+        cut.threshold = math.inf
+        return cut
+    from_top = np.cumsum(hist[::-1])
+    idx = int(np.searchsorted(from_top, k))  # first position where the cumulative count reaches k
+    cut.high = BINS - 1 - idx
+    cut.above_high = int(from_top[idx - 1]) if idx > 0 else 0
+    return cut
+
+
+def finish_threshold(cut: Cut, low_hist: np.ndarray) -> Cut:
+    """From the merged pass-2 histogram: the exact k-th largest score."""
+    if cut.high is None:
+        return cut
+    need = cut.k - cut.above_high
+    from_top = np.cumsum(low_hist[::-1])
+    idx = int(np.searchsorted(from_top, need))
+    low = BINS - 1 - idx
+    cut.threshold = key_to_float((cut.high << 16) | low)
+    return cut
+
+
+def exact_top_threshold(chunks, fraction: float) -> Cut:
+    """Exact threshold over an iterable-producing callable ``chunks()`` of score arrays (two passes)."""
+    hist = np.zeros(BINS, np.int64)
+    for c in chunks():
+        hist += high_histogram(c)
+    cut = locate_high(hist, fraction)
+    if cut.high is None:
+        return cut
+    low = np.zeros(BINS, np.int64)
+    for c in chunks():
+        low += low_histogram(c, cut.high)
+    return finish_threshold(cut, low)
+
+
+def apply_threshold(table: pa.Table, column: str, threshold: float, stage: str, reason: str) -> pa.Table:
+    """Final status of each row: kept rows below the threshold (or without a score) are dropped."""
+    from operators.base import DROPPED, KEPT, mark
+
+    scores = table.column(column).to_pylist()
+    status = table.column("status").to_pylist()
+    outcomes = []
+    for s, st in zip(scores, status):
+        if st != KEPT:
+            outcomes.append(None)
+        elif s is None or not math.isfinite(s) or s < threshold:
+            outcomes.append((DROPPED, reason, f"{column} {s} < {threshold:.6g}" if s is not None else f"no {column}"))
+        else:
+            outcomes.append(None)
+    return mark(table, stage, outcomes)
