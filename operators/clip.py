@@ -48,6 +48,7 @@ class ClipConfig(BaseModel):
     write_embeddings: bool = True
     cache_dir: str | None = Field(None, description="where s3:// checkpoints are copied (default: a temp dir)")
     batch_size: int = Field(256, ge=1)
+    micro_batch: int = Field(256, ge=1, description="images decoded while the previous ones are encoded")
     num_gpus: float = Field(1.0, ge=0, description="per actor; 0 runs on CPU")
     num_cpus: float = Field(1.0, gt=0)
     pool_min: int = Field(1, ge=1)
@@ -160,15 +161,13 @@ class ClipEmbedder(Operator):
         if idx:
             images = batch.column("image").to_pylist()
             captions = batch.column("captions").to_pylist()
-            pixels, ok = self._decode([images[i] for i in idx])
+            img, ok = self._encode_images([images[i] for i in idx])
             for k, i in enumerate(idx):
                 if not ok[k]:
                     outcomes[i] = (FAILED, "decode_error", "image bytes could not be decoded for CLIP")
             good = [i for k, i in enumerate(idx) if ok[k]]
             if good:
                 with torch.inference_mode():
-                    img = self._model.encode_image(pixels)
-                    img = torch.nn.functional.normalize(img.float(), dim=-1)
                     texts, owner = [], []
                     for k, i in enumerate(good):
                         for c in captions[i] or []:
@@ -209,7 +208,47 @@ class ClipEmbedder(Operator):
         batch = set_columns(batch, cols)
         return mark(batch, self.name, outcomes)
 
-    # -- decoding --------------------------------------------------------------------------------
+    # -- decoding and image encoding, overlapped ---------------------------------------------------
+    def _encode_images(self, blobs: list[bytes | None]):
+        """L2-normalized image embeddings of the decodable blobs, and which decoded.
+
+        Micro-batches are decoded in a helper thread (on CUDA: on its own stream) while the
+        model encodes the previous one, so decode and model overlap (double buffering).
+        """
+        import torch
+        from concurrent.futures import ThreadPoolExecutor
+
+        m = self.config.micro_batch
+        chunks = [blobs[s:s + m] for s in range(0, len(blobs), m)]
+        stream = torch.cuda.Stream() if self.device.startswith("cuda") else None
+
+        def decode(chunk):
+            if stream is None:
+                return self._decode(chunk), None
+            with torch.cuda.stream(stream):
+                out = self._decode(chunk)
+                done = torch.cuda.Event()
+                done.record(stream)
+            return out, done
+
+        embs, ok_all = [], []
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="clip-decode") as pool:
+            fut = pool.submit(decode, chunks[0])
+            for j in range(len(chunks)):
+                (pixels, ok), done = fut.result()
+                if j + 1 < len(chunks):
+                    fut = pool.submit(decode, chunks[j + 1])
+                ok_all.extend(ok)
+                if pixels is None:
+                    continue
+                if done is not None:
+                    torch.cuda.current_stream().wait_event(done)
+                with torch.inference_mode():
+                    e = self._model.encode_image(pixels)
+                    embs.append(torch.nn.functional.normalize(e.float(), dim=-1))
+        img = torch.cat(embs) if embs else None
+        return img, ok_all
+
     def _decode(self, blobs: list[bytes | None]):
         """A float tensor (N_ok, 3, S, S) on the device, and which inputs decoded."""
         import torch

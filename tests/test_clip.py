@@ -160,3 +160,17 @@ def test_gpu_decode_matches_cpu_path(checkpoint):
     gpu = ClipEmbedder(ClipConfig(enabled=True, model=TINY, pretrained=checkpoint, model_config_path=TINY_CONFIG,
                                   device="cuda", precision="fp32", decode="gpu"))(batch(imgs, caps))
     np.testing.assert_allclose(gpu.column("clip_score").to_pylist(), cpu, atol=0.05)
+
+
+def test_overlapped_micro_batches_keep_rows_aligned(checkpoint):
+    imgs = [jpeg(20), jpeg(21), b"\xff\xd8\xffbroken", jpeg(22), None, jpeg(23)]
+    caps = [["a"], ["b", "c"], ["d"], ["e"], ["f"], ["g"]]
+    whole = embedder(checkpoint)(batch(imgs, caps)).to_pylist()
+    micro = embedder(checkpoint, micro_batch=1)(batch(imgs, caps)).to_pylist()
+    assert [r["drop_reason"] for r in micro] == [None, None, "decode_error", None, "decode_error", None]
+    for a, b in zip(whole, micro):
+        assert a["drop_reason"] == b["drop_reason"]
+        if a["clip_scores"] is not None:
+            np.testing.assert_allclose(a["clip_scores"], b["clip_scores"], rtol=1e-4, atol=1e-5)
+    direct = direct_scores(checkpoint, imgs[3], caps[3])
+    np.testing.assert_allclose(micro[3]["clip_scores"], direct, rtol=1e-4, atol=1e-5)
