@@ -200,3 +200,19 @@ def test_streaming_call_yields_every_row_once(image_server):
     assert by_url[urls[1]]["drop_reason"] == "http_404"
     assert by_url[urls[3]]["status"] == "dropped" and by_url[urls[3]]["drop_stage"] is None  # untouched
     assert by_url[urls[4]]["drop_reason"] == "not_image"
+
+
+def test_dropped_connections_are_retried_then_recorded(sample_dir):
+    """A server that faults every request: each URL ends as http_500 or connection_error after retries."""
+    from jobs.sample_data import images_dir
+    from jobs.sample_server import SampleServer
+
+    with SampleServer(root_dir=images_dir(sample_dir), fault_rate=1.0, seed=3) as bad:
+        d = HttpDownloader(DownloadConfig(**{**FAST, "retries": 1}))
+        try:
+            rows = d.process(batch_of([bad.url(f"/img/00001.jpg?i={i}") for i in range(8)])).to_pylist()
+        finally:
+            d.close()
+    reasons = {r["drop_reason"] for r in rows}
+    assert reasons <= {"http_500", "connection_error"} and "connection_error" in reasons, reasons
+    assert all(r["status"] == "failed" and r["download_attempts"] == 2 for r in rows)
