@@ -18,6 +18,7 @@ from jobs.select import SelectionConfig
 from operators.clip import ClipConfig
 from operators.download import DownloadConfig
 from operators.images import ImageConfig
+from operators.safety import SafetyConfig
 from operators.sources import SourceConfig
 from operators.storage import StorageConfig
 
@@ -77,6 +78,7 @@ class JobConfig(BaseModel):
     download: DownloadConfig = DownloadConfig()
     images: ImageConfig = ImageConfig()
     clip: ClipConfig = ClipConfig()
+    safety: SafetyConfig = SafetyConfig()
     selection: SelectionConfig = SelectionConfig()
     ray: RayConfig = RayConfig()
 
@@ -152,6 +154,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                           "(needs clip.enabled: true)")
     if cfg.clip.model_config_path:
         cfg.clip.model_config_path = _local_file(cfg.clip.model_config_path, "clip.model_config_path")
+    s = cfg.safety
+    if s.enabled and (s.nsfw or s.aesthetic) and not (cfg.clip.enabled and cfg.clip.write_embeddings):
+        raise ConfigError("bad value for 'safety.nsfw/aesthetic': they need clip.enabled and clip.write_embeddings")
+    if s.enabled and s.rigid and s.rigid.encoder is None and not cfg.clip.enabled:
+        raise ConfigError("bad value for 'safety.rigid.encoder': null needs clip.enabled (or give an encoder)")
+    if s.rigid and s.rigid.encoder and s.rigid.encoder.model_config_path:
+        s.rigid.encoder.model_config_path = _local_file(s.rigid.encoder.model_config_path,
+                                                        "safety.rigid.encoder.model_config_path")
     return cfg
 
 

@@ -22,6 +22,8 @@ from jobs.plan import run_plan, waves_of
 from jobs.select import run_selection
 from operators.clip import ClipEmbedder, model_report
 from operators.download import HttpDownloader
+from operators.safety import SafetyScorer
+from operators.safety import model_report as safety_report
 from operators.images import ImageProcessor, process_images
 from operators.sinks import count_written, sink_prep
 from operators.storage import arrow_fs, fsspec_fs, join, read_json, write_json_atomic
@@ -102,6 +104,12 @@ def build_pipeline(cfg: JobConfig, ds):
             ClipEmbedder, fn_constructor_kwargs={"config": cfg.clip, "storage": cfg.storage}, batch_format="pyarrow",
             batch_size=c.batch_size, num_cpus=c.num_cpus, num_gpus=c.num_gpus or None,
             compute=ActorPoolStrategy(min_size=c.pool[0], max_size=c.pool[1]))
+    if cfg.safety.enabled:
+        s = SafetyScorer.resources(cfg.safety)
+        ds = ds.map_batches(
+            SafetyScorer, fn_constructor_kwargs={"config": cfg.safety, "storage": cfg.storage, "clip": cfg.clip},
+            batch_format="pyarrow", batch_size=s.batch_size, num_cpus=s.num_cpus, num_gpus=s.num_gpus or None,
+            compute=ActorPoolStrategy(min_size=s.pool[0], max_size=s.pool[1]))
     return ds.map_batches(sink_prep, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
 
 
@@ -147,9 +155,17 @@ def run_wave(cfg: JobConfig, i: int, buckets: list[dict]) -> dict:
 
 
 # --- the job ------------------------------------------------------------------------------
+def models_of(cfg: JobConfig) -> dict:
+    """What the manifest says about each model; random weights are called so."""
+    models = {"clip": model_report(cfg.clip)} if cfg.clip.enabled else {}
+    if cfg.safety.enabled:
+        models.update({f"safety.{k}": v for k, v in safety_report(cfg.safety, cfg.clip).items()})
+    return models
+
+
 def check_run_identity(cfg: JobConfig) -> None:
     """An output folder belongs to one config: resume only with the same settings."""
-    fp = cfg.fingerprint("input", "plan", "download", "images")
+    fp = cfg.fingerprint("input", "plan", "download", "images", "clip", "safety")
     run_path = join(cfg.output.path, "_RUN.json")
     existing = read_json(run_path, cfg.storage)
     if existing is not None and existing.get("fingerprint") != fp:
@@ -195,7 +211,7 @@ def run(cfg: JobConfig) -> dict:
         "name": cfg.name,
         "config": cfg.model_dump(mode="json"),
         "versions": versions(),
-        "models": {"clip": model_report(cfg.clip)} if cfg.clip.enabled else {},
+        "models": models_of(cfg),
         "input_rows": plan["input_rows"],
         "samples": plan["samples"],
         "outcomes": dict(sorted(outcomes.items())),
