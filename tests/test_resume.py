@@ -38,6 +38,9 @@ def write_job(tmp_path: Path, server) -> Path:
     cfg["output"] = {"path": str(tmp_path / "out")}
     cfg["plan"] = {"num_buckets": 4, "shard_rows": 12}
     cfg["download"].update({"concurrency": 2, "yield_rows": 2})
+    # The download tier is what a kill interrupts here; model stages are covered elsewhere.
+    cfg["clip"]["enabled"] = False
+    cfg["safety"]["enabled"] = False
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -51,6 +54,10 @@ def start_job(cfg_path: Path, ray_address: str) -> subprocess.Popen:
 
 def committed_checkpoints(out: Path) -> list[Path]:
     return [p for p in (out / "_checkpoints").rglob("*.parquet")] if (out / "_checkpoints").exists() else []
+
+
+def committed_rows(out: Path) -> int:
+    return sum(pq.read_metadata(str(p)).num_rows for p in committed_checkpoints(out))
 
 
 def wait_for(predicate, timeout_s: float, proc: subprocess.Popen) -> None:
@@ -91,8 +98,8 @@ def test_sigkill_driver_then_rerun_gives_every_sample_once(ray_session, slow_ser
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "_manifest.json").exists()
-    first_hits = sum(v for k, v in slow_server.hits.items() if k.startswith("/img/"))
-    assert first_hits < N_SAMPLES, "the first run was not interrupted part-way"
+    committed = committed_rows(out)
+    assert 0 < committed < N_SAMPLES, f"the first run was not interrupted part-way ({committed} rows committed)"
 
     slow_server.reset_hits()
     finish(cfg_path, address)
@@ -100,7 +107,7 @@ def test_sigkill_driver_then_rerun_gives_every_sample_once(ray_session, slow_ser
     assert_exactly_once(out)
     second_hits = sum(v for k, v in slow_server.hits.items() if k.startswith("/img/"))
     # Row-level resume: checkpointed samples were not downloaded again.
-    assert second_hits < N_SAMPLES, second_hits
+    assert second_hits <= N_SAMPLES - committed, (second_hits, committed)
 
 
 def test_sigkill_a_download_worker_mid_run(ray_session, slow_server, tmp_path):
