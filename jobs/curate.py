@@ -25,7 +25,7 @@ from operators.download import HttpDownloader
 from operators.safety import SafetyScorer
 from operators.safety import model_report as safety_report
 from operators.images import ImageProcessor, process_images
-from operators.sinks import count_written, sink_prep
+from operators.sinks import PARQUET_OPTIONS, count_written, sink_prep
 from operators.storage import arrow_fs, fsspec_fs, join, read_json, write_json_atomic
 
 log = logging.getLogger("imgcurate")
@@ -136,7 +136,7 @@ def run_wave(cfg: JobConfig, i: int, buckets: list[dict]) -> dict:
         files = [arrow_fs(f, cfg.storage)[1] for b in buckets for f in b["files"]]
         # One read task (and block) per shard: bounded work per task, parallel downloads.
         ds = ray.data.read_parquet(files, filesystem=fs, override_num_blocks=len(files))
-        build_pipeline(cfg, ds).write_parquet(data_fs_path, filesystem=fs)
+        build_pipeline(cfg, ds).write_parquet(data_fs_path, filesystem=fs, **PARQUET_OPTIONS)
     finally:
         ctx.checkpoint_config = None
     seconds = time.time() - t0

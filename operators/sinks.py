@@ -15,6 +15,13 @@ import pyarrow.dataset as pads
 from operators.base import STATUS_COLUMNS, Operator, count_outcomes, null_where_not_kept, set_columns
 from operators.storage import StorageConfig, arrow_fs
 
+# Parquet options for the sink: image bytes are incompressible and unique, so no dictionary
+# and no statistics on them (computing both costs more than the rest of the write); zstd
+# skips incompressible pages quickly and shrinks the metadata columns.
+DICTIONARY_COLUMNS = ["status", "drop_stage", "drop_reason", "content_type", "image_format", "caption_sources"]
+STATISTICS_COLUMNS = ["sample_id", "status", "drop_stage", "drop_reason", "clip_score", "width", "height"]
+PARQUET_OPTIONS = {"compression": "zstd", "use_dictionary": DICTIONARY_COLUMNS, "write_statistics": STATISTICS_COLUMNS}
+
 LEADING_COLUMNS = ("sample_id", "status", "drop_stage", "drop_reason", "error_message", "url", "captions",
                    "caption_sources")
 
