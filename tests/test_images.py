@@ -241,7 +241,7 @@ def test_bomb_refused_from_header(sample_dir, monkeypatch):
     def no_decode(*_a, **_k):
         raise AssertionError("the bomb reached a decoder")
 
-    monkeypatch.setattr(ImageProcessor, "_get_resizer", no_decode)
+    monkeypatch.setattr("operators.images.decode_resize_encode", no_decode)
     monkeypatch.setattr(Image.Image, "load", no_decode)
     data = _file(sample_dir, "bomb.png")
     assert len(data) < 1000  # header only: 30000 x 30000 declared
@@ -254,7 +254,7 @@ def test_max_pixels_from_config_without_decoding(monkeypatch):
     def no_decode(*_a, **_k):
         raise AssertionError("an over-size image reached a decoder")
 
-    monkeypatch.setattr(ImageProcessor, "_get_resizer", no_decode)
+    monkeypatch.setattr("operators.images.decode_resize_encode", no_decode)
     data = _encode(_rgb(200, 100), "PNG")
     row = _one(data, max_pixels=19_999)
     assert (row["status"], row["drop_reason"]) == ("dropped", "too_many_pixels")
@@ -329,3 +329,42 @@ def test_bad_config_raises_value_error_naming_the_field(cfg, field):
 
 def test_png_quality_in_range_is_fine():
     assert ImageProcessor({"encode_format": "png", "encode_quality": 9}).config.encode_quality == 9
+
+
+# --- parity with img2dataset's Resizer (same pixels, same bytes) ------------------------------
+def _i2d_parity_inputs():
+    import io as _io
+
+    import numpy as _np
+    from PIL import Image as _Image
+
+    rng = _np.random.default_rng(7)
+    out = []
+    for (h, w, mode, fmt) in [(300, 200, "RGB", "JPEG"), (64, 90, "RGB", "JPEG"), (256, 256, "RGB", "PNG"),
+                              (120, 333, "L", "JPEG"), (200, 150, "RGBA", "PNG"), (17, 400, "RGB", "PNG")]:
+        arr = rng.integers(0, 255, (h, w, len(mode)) if mode != "L" else (h, w), dtype=_np.uint8)
+        buf = _io.BytesIO()
+        _Image.fromarray(arr, mode).save(buf, fmt)
+        out.append(buf.getvalue())
+    return out
+
+
+@pytest.mark.parametrize("mode", ["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"])
+@pytest.mark.parametrize("only_if_bigger", [False, True])
+def test_resize_matches_img2dataset_resizer(mode, only_if_bigger):
+    import io as _io
+    import os as _os
+
+    _os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    from img2dataset.resizer import Resizer
+
+    from operators.images import ImageConfig, ImageProcessor, decode_resize_encode
+
+    ref = Resizer(image_size=128, resize_mode=mode, resize_only_if_bigger=only_if_bigger, encode_quality=90)
+    params = ImageProcessor(ImageConfig(image_size=128, encode_quality=90))._encode_params()
+    for data in _i2d_parity_inputs():
+        want, ww, wh, _, _, err = ref(_io.BytesIO(data))
+        assert err is None
+        got, gw, gh = decode_resize_encode(data, mode, 128, only_if_bigger, "jpg", params)
+        assert (gw, gh) == (ww, wh)
+        assert got == want, f"{mode} {only_if_bigger}: output differs from img2dataset's"
