@@ -1,0 +1,312 @@
+"""RewardScorer with the tiny random open_clip backbone and heads built or trained by the test."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from pydantic import ValidationError
+
+torch = pytest.importorskip("torch")
+open_clip = pytest.importorskip("open_clip")
+
+from jobs.train_reward import (  # noqa: E402
+    TrainRewardConfig, fit, is_val, prefs_from_table, split_key, synthetic_preferences,
+)
+from operators.clip import ClipConfig  # noqa: E402
+from operators.reward import (  # noqa: E402
+    RewardConfig, RewardScorer, build_head, load_reward_checkpoint, model_report, save_reward_checkpoint,
+    threshold_reason,
+)
+from tests.conftest import ROOT  # noqa: E402
+
+TINY = "imgcurate-tiny-clip"
+TINY_CONFIG = str(ROOT / "configs" / "models" / f"{TINY}.json")
+FEATURE_DIM = 3 * 32
+
+
+def jpeg(seed: int, size=(48, 64), colour=None) -> bytes:
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    px = rng.rand(size[0], size[1], 3) * 255
+    if colour is not None:
+        px = np.clip(np.asarray(COLOURS[colour], np.float32) + (px - 128) * 0.2, 0, 255)
+    buf = io.BytesIO()
+    Image.fromarray(px.astype("uint8")).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def batch(images, captions, sources=None, status=None) -> pa.Table:
+    n = len(images)
+    status = status or ["kept"] * n
+    cols = {
+        "sample_id": [f"s{i}" for i in range(n)],
+        "status": status,
+        "drop_stage": pa.array([None if s == "kept" else "download" for s in status], pa.string()),
+        "drop_reason": pa.array([None if s == "kept" else "http_404" for s in status], pa.string()),
+        "error_message": pa.array([None] * n, pa.string()),
+        "image": pa.array(images, pa.binary()),
+        "captions": pa.array(captions, pa.list_(pa.string())),
+    }
+    if sources is not None:
+        cols["caption_sources"] = pa.array(sources, pa.list_(pa.string()))
+    return pa.table(cols)
+
+
+@pytest.fixture(scope="module")
+def backbone_ckpt(tmp_path_factory) -> str:
+    """A tiny random CLIP saved by the test: every load below gets these weights."""
+    open_clip.add_model_config(TINY_CONFIG)
+    torch.manual_seed(0)
+    model = open_clip.create_model(TINY, pretrained=None)
+    path = tmp_path_factory.mktemp("clip") / "tiny.pt"
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+def backbone(ckpt: str | None) -> ClipConfig:
+    return ClipConfig(model=TINY, pretrained=ckpt, model_config_path=TINY_CONFIG, device="cpu")
+
+
+def scorer(ckpt, **kw) -> RewardScorer:
+    return RewardScorer(RewardConfig(enabled=True, backbone=backbone(ckpt), device="cpu", **kw))
+
+
+def direct_rewards(ckpt: str, image: bytes, captions: list[str], head) -> np.ndarray:
+    """open_clip and the head called directly: the reference for the operator."""
+    from PIL import Image
+
+    model, _, preprocess = open_clip.create_model_and_transforms(TINY, pretrained=ckpt)
+    model.eval()
+    tok = open_clip.get_tokenizer(TINY)
+    with torch.no_grad():
+        im = model.encode_image(preprocess(Image.open(io.BytesIO(image)).convert("RGB"))[None])
+        tx = model.encode_text(tok(captions))
+        im = torch.nn.functional.normalize(im, dim=-1).expand(len(captions), -1)
+        tx = torch.nn.functional.normalize(tx, dim=-1)
+        return head(torch.cat([im, tx, im * tx], -1)).squeeze(-1).numpy()
+
+
+@pytest.fixture(scope="module")
+def trained(backbone_ckpt, tmp_path_factory):
+    """A head trained (in-process, no Ray) on the synthetic colour-preference set; saved locally."""
+    table = synthetic_preferences(128, seed=0)
+    val = [is_val(split_key(r), 0.25, 0) for r in table.select(["id"]).to_pylist()]
+    train, held_out = table.filter(pa.array([not v for v in val])), table.filter(pa.array(val))
+    cfg = TrainRewardConfig(data="-", out="-", backbone=backbone(backbone_ckpt), epochs=60, lr=3e-3, batch_rows=16)
+    res = fit(cfg, prefs_from_table(train), prefs_from_table(held_out))
+    path = str(tmp_path_factory.mktemp("reward") / "reward_head.pt")
+    save_reward_checkpoint(path, res.head, res.meta)
+    return path, res, held_out
+
+
+# --- scoring --------------------------------------------------------------------------------------
+def test_scores_equal_direct_computation_and_best_is_the_max(backbone_ckpt):
+    caps = [["a photo of a dog", "a red square", "tree"], ["only one"]]
+    srcs = [["caption", "title", "recaption"], ["caption"]]
+    imgs = [jpeg(1), jpeg(2)]
+    out = scorer(backbone_ckpt)(batch(imgs, caps, srcs)).to_pylist()
+    head = build_head(FEATURE_DIM, [512, 64]).eval()
+    for row, img, cap, src in zip(out, imgs, caps, srcs):
+        want = direct_rewards(backbone_ckpt, img, cap, head)
+        np.testing.assert_allclose(row["reward_scores"], want, rtol=1e-4, atol=1e-5)
+        best = int(np.argmax(want))
+        assert row["reward"] == pytest.approx(float(want[best]), abs=1e-5)
+        assert row["best_caption"] == cap[best] and row["best_caption_source"] == src[best]
+        assert row["status"] == "kept"
+
+
+def test_one_many_empty_and_blank_captions(backbone_ckpt):
+    many = [f"caption number {k} of a thing" for k in range(40)]
+    t = batch([jpeg(3), jpeg(4), jpeg(5), jpeg(6), jpeg(7)],
+              [["just one"], many, [], None, ["", "  ", "real one", None]])
+    out = scorer(backbone_ckpt)(t).to_pylist()
+    one, lots, empty, null, blanks = out
+    assert len(one["reward_scores"]) == 1 and one["best_caption"] == "just one"
+    assert one["reward"] == pytest.approx(one["reward_scores"][0])
+    assert len(lots["reward_scores"]) == 40
+    assert lots["best_caption"] == many[int(np.argmax(lots["reward_scores"]))]
+    for row in (empty, null):
+        assert row["status"] == "kept" and row["reward"] is None and row["best_caption"] is None
+        assert row["reward_scores"] == []
+    assert blanks["reward_scores"][:2] == [None, None] and blanks["reward_scores"][3] is None
+    assert blanks["best_caption"] == "real one" and blanks["best_caption_source"] is None  # no sources column
+    # Many captions are scored like one: the same caption gets the same score in either batch.
+    solo = scorer(backbone_ckpt)(batch([jpeg(4)], [[many[7]]])).to_pylist()[0]
+    assert solo["reward_scores"][0] == pytest.approx(lots["reward_scores"][7], abs=1e-5)
+
+
+def test_threshold_and_no_caption(backbone_ckpt):
+    img, caps = jpeg(8), ["a caption", "another one"]
+    base = scorer(backbone_ckpt)(batch([img], [caps])).to_pylist()[0]["reward"]
+    kept = scorer(backbone_ckpt, min_reward=base - 1e-3)(batch([img], [caps])).to_pylist()[0]
+    assert kept["status"] == "kept"
+    t = base + 1e-3
+    dropped = scorer(backbone_ckpt, min_reward=t)(batch([img], [caps])).to_pylist()[0]
+    assert (dropped["status"], dropped["drop_stage"], dropped["drop_reason"]) == ("dropped", "reward",
+                                                                                  threshold_reason(t))
+    assert dropped["reward"] == pytest.approx(base)  # the score is written with the drop
+    assert threshold_reason(0.5) == "reward_below_0.5"
+    none = scorer(backbone_ckpt, min_reward=0.0)(batch([img], [[]])).to_pylist()[0]
+    assert (none["status"], none["drop_reason"]) == ("dropped", "no_caption")
+
+
+def test_dropped_rows_pass_through_without_compute(backbone_ckpt):
+    t = batch([b"not an image", jpeg(9)], [["a"], ["b"]], status=["dropped", "kept"])
+    out = scorer(backbone_ckpt)(t).to_pylist()
+    assert (out[0]["status"], out[0]["drop_stage"], out[0]["drop_reason"]) == ("dropped", "download", "http_404")
+    assert out[0]["reward_scores"] is None and out[0]["reward"] is None
+    assert out[1]["reward"] is not None
+    s = scorer(backbone_ckpt)
+    only_dropped = s(batch([None], [["a"]], status=["failed"]))
+    assert s._head is None, "a batch of dropped rows must not even load the model"
+    assert only_dropped.schema.field("reward_scores").type == pa.list_(pa.float32())
+
+
+def test_corrupt_image_is_a_recorded_failure(backbone_ckpt):
+    out = scorer(backbone_ckpt)(batch([b"\xff\xd8\xffgarbage", jpeg(10)], [["a"], ["b"]])).to_pylist()
+    assert (out[0]["status"], out[0]["drop_stage"], out[0]["drop_reason"]) == ("failed", "reward", "decode_error")
+    assert out[1]["status"] == "kept" and out[1]["reward"] is not None
+
+
+def test_random_backbone_is_seeded_so_every_actor_agrees():
+    t = batch([jpeg(11)], [["x", "y"]])
+    a = scorer(None)(t).column("reward_scores").to_pylist()
+    b = scorer(None)(t).column("reward_scores").to_pylist()
+    assert a == b
+
+
+# --- trained checkpoints ------------------------------------------------------------------------------
+def test_trained_head_picks_the_preferred_caption_of_unseen_images(trained, backbone_ckpt):
+    path, res, held_out = trained
+    m = res.metrics
+    assert m["val_accuracy"] >= 0.75 and m["val_accuracy"] >= m["val_accuracy_untrained"] + 0.15, m
+    rows = held_out.to_pylist()
+    t = batch([r["image"] for r in rows], [r["captions"] for r in rows])
+    out = scorer(backbone_ckpt, head_checkpoint=path)(t).to_pylist()
+    hits = sum(o["best_caption"] == r["captions"][r["ranks"].index(0)] for o, r in zip(out, rows))
+    assert hits >= 0.5 * len(rows), f"preferred caption picked for {hits}/{len(rows)} images (chance: 1/4)"
+    untrained = scorer(backbone_ckpt)(t).to_pylist()
+    assert hits >= sum(o["best_caption"] == r["captions"][r["ranks"].index(0)] for o, r in zip(untrained, rows)) + 5
+
+
+def test_checkpoint_round_trips_local_file_url_and_s3(trained, backbone_ckpt, s3_server, s3fs_client):
+    from operators.storage import StorageConfig
+
+    path, res, _ = trained
+    t = batch([jpeg(12), jpeg(13)], [["a red cup", "a blue cup"], ["a green boat"]])
+    local = scorer(backbone_ckpt, head_checkpoint=path)(t).column("reward_scores").to_pylist()
+    via_url = scorer(backbone_ckpt, head_checkpoint=f"file://{path}")(t).column("reward_scores").to_pylist()
+    assert local == via_url
+    # Standardized by the training rewards' mean and std stored in the checkpoint.
+    ckpt = load_reward_checkpoint(path)
+    head = build_head(FEATURE_DIM, [512, 64])
+    head.load_state_dict(ckpt["head"])
+    raw = direct_rewards(backbone_ckpt, jpeg(12), ["a red cup", "a blue cup"], head.eval())
+    m, s = ckpt["meta"]["reward_mean"], ckpt["meta"]["reward_std"]
+    np.testing.assert_allclose(local[0], (raw - m) / s, rtol=1e-4, atol=1e-4)
+    # Through the loopback S3 server: saved there by the same writer, loaded by spec.
+    storage = StorageConfig(endpoint_url=s3_server)
+    s3fs_client.mkdir("imgcurate-reward")
+    save_reward_checkpoint("s3://imgcurate-reward/heads/reward_head.pt", res.head, res.meta, storage=storage)
+    assert s3fs_client.exists("imgcurate-reward/heads/reward_head.pt")
+    s3 = RewardScorer(RewardConfig(enabled=True, backbone=backbone(backbone_ckpt), device="cpu",
+                                   head_checkpoint="s3://imgcurate-reward/heads/reward_head.pt"), storage=storage)
+    assert s3(t).column("reward_scores").to_pylist() == local
+
+
+def test_checkpoint_must_fit_the_backbone(trained, backbone_ckpt, tmp_path):
+    path, res, _ = trained
+    meta = dict(res.meta, feature_dim=999)
+    bad = str(tmp_path / "wide.pt")
+    save_reward_checkpoint(bad, res.head, meta)
+    with pytest.raises(ValueError, match="999"):
+        scorer(backbone_ckpt, head_checkpoint=bad)(batch([jpeg(14)], [["a"]]))
+    other = str(tmp_path / "other.pt")
+    save_reward_checkpoint(other, res.head, dict(res.meta, backbone=dict(res.meta["backbone"], model="ViT-B-32")))
+    with pytest.raises(ValueError, match="ViT-B-32"):
+        scorer(backbone_ckpt, head_checkpoint=other)(batch([jpeg(14)], [["a"]]))
+    plain = tmp_path / "plain.pt"
+    torch.save(res.head.state_dict(), plain)
+    with pytest.raises(ValueError, match="not an imgcurate reward checkpoint"):
+        scorer(backbone_ckpt, head_checkpoint=str(plain))(batch([jpeg(14)], [["a"]]))
+    with pytest.raises(ValueError, match="does not exist"):
+        scorer(backbone_ckpt, head_checkpoint=str(tmp_path / "missing.pt"))(batch([jpeg(14)], [["a"]]))
+
+
+def test_tuned_backbone_blocks_travel_with_the_checkpoint(backbone_ckpt, tmp_path):
+    table = synthetic_preferences(16, seed=1)
+    cfg = TrainRewardConfig(data="-", out="-", backbone=backbone(backbone_ckpt), epochs=2, batch_rows=8,
+                            head_hidden=[16], unfreeze_last_blocks=1, backbone_lr=1e-2)
+    res = fit(cfg, prefs_from_table(table))
+    assert res.backbone_state and any(k.startswith("visual.transformer.resblocks.0") for k in res.backbone_state)
+    path = str(tmp_path / "tuned.pt")
+    save_reward_checkpoint(path, res.head, res.meta, res.backbone_state)
+    s = scorer(backbone_ckpt, head_checkpoint=path)
+    s(batch([jpeg(15)], [["a"]]))
+    loaded = dict(s._backbone.model.named_parameters())
+    for k, v in res.backbone_state.items():
+        torch.testing.assert_close(loaded[k].detach(), v.float())
+    original = torch.load(backbone_ckpt, weights_only=True)
+    changed = [k for k, v in res.backbone_state.items() if not torch.equal(original[k], v)]
+    assert changed, "backbone_lr > 0 but no backbone weight moved"
+
+
+# --- config and reports ---------------------------------------------------------------------------------
+def test_config_errors_are_clear():
+    with pytest.raises(ValidationError, match="blip_path"):
+        RewardConfig(enabled=True, backbone_type="blip")
+    with pytest.raises(ValidationError, match="local directory"):
+        RewardConfig(backbone_type="blip", blip_path="s3://bucket/blip")
+    with pytest.raises(ValidationError):
+        RewardConfig(min_rewrd=0.3)
+    with pytest.raises(ValueError, match="no clip config"):
+        RewardScorer(RewardConfig(enabled=True))
+
+
+def test_backbone_defaults_to_the_clip_stage_and_reports_random():
+    clip = backbone(None)
+    s = RewardScorer(RewardConfig(enabled=True, device="cpu"), clip=clip)
+    assert s.backbone_config() == clip
+    rep = model_report(RewardConfig(enabled=True), clip)
+    assert rep["random_weights"] and rep["head_random_weights"] and rep["backbone"] == TINY
+    rep = model_report(RewardConfig(enabled=True, head_checkpoint="s3://b/h.pt",
+                                    backbone=ClipConfig(model="ViT-B-32", pretrained="laion2b_s34b_b79k")))
+    assert not rep["random_weights"] and rep["pretrained"] == "s3://b/h.pt"
+
+
+def test_resources_declared_by_config_not_probed():
+    r = RewardScorer.resources(RewardConfig(num_gpus=1, batch_size=512, pool_max=4))
+    assert (r.num_gpus, r.batch_size, r.pool) == (1, 512, (1, 4))
+    assert RewardScorer.resources(RewardConfig(device="cpu")).num_gpus == 0
+
+
+# --- BLIP (only where transformers is installed) ----------------------------------------------------------
+def test_blip_backbone_scores_captions(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from transformers import (BertTokenizer, BlipConfig, BlipForImageTextRetrieval, BlipImageProcessor,
+                              BlipProcessor)
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "cup", "photo", "of"]
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(words) + "\n")
+    tok = BertTokenizer(str(vocab))
+    proc = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok)
+    cfg = BlipConfig(
+        text_config={"vocab_size": len(words), "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "intermediate_size": 64, "max_position_embeddings": 40, "encoder_hidden_size": 32},
+        vision_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+                       "image_size": 32, "patch_size": 16},
+        projection_dim=16, image_text_hidden_size=16)
+    torch.manual_seed(0)
+    BlipForImageTextRetrieval(cfg).save_pretrained(tmp_path / "blip")
+    proc.save_pretrained(tmp_path / "blip")
+    s = RewardScorer(RewardConfig(enabled=True, backbone_type="blip", blip_path=str(tmp_path / "blip"), device="cpu",
+                                  head_hidden=[8]))
+    out = s(batch([jpeg(16), jpeg(17)], [["a red cup", "a blue cup"], ["a photo of a cup"]])).to_pylist()
+    assert len(out[0]["reward_scores"]) == 2 and out[1]["reward"] is not None
+    assert out[0]["best_caption"] == ["a red cup", "a blue cup"][int(np.argmax(out[0]["reward_scores"]))]
+    assert transformers is not None

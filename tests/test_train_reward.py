@@ -1,0 +1,168 @@
+"""jobs/train_reward.py: pairs from rankings with ties, the Bradley-Terry loss, training on a synthetic
+preference set with the tiny random backbone, and one run on Ray Train's TorchTrainer."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+torch = pytest.importorskip("torch")
+open_clip = pytest.importorskip("open_clip")
+
+from jobs.train_reward import (  # noqa: E402
+    TrainRewardConfig, bt_loss, expand_pairs, fit, is_val, main, prefs_from_table, split_key,
+    synthetic_preferences, tiny_backbone,
+)
+from operators.reward import RewardConfig, RewardScorer  # noqa: E402
+
+
+def split(table: pa.Table, fraction: float = 0.25, seed: int = 0):
+    val = [is_val(split_key(r), fraction, seed) for r in table.select(["id"]).to_pylist()]
+    return table.filter(pa.array([not v for v in val])), table.filter(pa.array(val))
+
+
+def config(**kw) -> TrainRewardConfig:
+    base = dict(data="-", out="-", backbone=tiny_backbone(), epochs=60, lr=3e-3, batch_rows=16)
+    return TrainRewardConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return split(synthetic_preferences(128, seed=0))
+
+
+@pytest.fixture(scope="module")
+def signal_fit(synthetic):
+    train, val = synthetic
+    return fit(config(), prefs_from_table(train), prefs_from_table(val))
+
+
+# --- rankings -> pairs --------------------------------------------------------------------------------
+def test_expand_pairs_orients_preferred_first_and_keeps_ties():
+    assert expand_pairs([2, 0, 1]) == [(1, 0, 1.0), (2, 0, 1.0), (1, 2, 1.0)]
+    assert expand_pairs([0, 1, 1]) == [(0, 1, 1.0), (0, 2, 1.0), (1, 2, 0.5)]
+    assert expand_pairs([0, 1, 1], ties="skip") == [(0, 1, 1.0), (0, 2, 1.0)]
+    assert expand_pairs([3, 3]) == [(0, 1, 0.5)] and expand_pairs([3, 3], ties="skip") == []
+    assert expand_pairs([0]) == []
+
+
+def test_bt_loss_is_symmetric_for_ties_and_flat_at_equal_rewards():
+    m = torch.tensor([-2.0, -0.3, 0.0, 0.7, 3.0], requires_grad=True)
+    half = torch.full_like(m, 0.5)
+    per_pair = [float(bt_loss(m[i:i + 1], half[i:i + 1])) for i in range(5)]
+    flipped = [float(bt_loss(-m[i:i + 1], half[i:i + 1])) for i in range(5)]
+    np.testing.assert_allclose(per_pair, flipped, rtol=1e-6)  # the order of a tied pair does not matter
+    assert min(per_pair) == pytest.approx(math.log(2)) and per_pair[2] == pytest.approx(math.log(2))
+    z = torch.zeros(3, requires_grad=True)
+    bt_loss(z, torch.full((3,), 0.5)).backward()
+    assert torch.count_nonzero(z.grad) == 0  # no push in any direction at equal rewards
+    # A strict pair pushes the preferred caption up: the loss falls as the margin grows.
+    assert float(bt_loss(torch.tensor([1.0]), torch.tensor([1.0]))) < math.log(2) < float(
+        bt_loss(torch.tensor([-1.0]), torch.tensor([1.0])))
+
+
+def test_bad_rows_are_skipped_and_counted(tmp_path):
+    good = synthetic_preferences(3, seed=5)
+    img_file = tmp_path / "img.jpg"
+    img_file.write_bytes(good.column("image")[0].as_py())
+    t = pa.table({
+        "id": ["ok", "uri", "len", "none", "noimg", "broken", "allties"],
+        "image": pa.array([good.column("image")[1].as_py(), None, good.column("image")[2].as_py(), None, None,
+                           b"not a jpeg", good.column("image")[1].as_py()], pa.binary()),
+        "image_uri": [None, f"file://{img_file}", None, None, None, None, None],
+        "captions": [["a", "b"], ["a", "b", "c"], ["a", "b"], None, ["a", "b"], ["a", "b"], ["a", "b"]],
+        "ranks": [[0, 1], [1, 0, 0], [0], [0, 1], [0, 1], [0, 1], [0, 0]],
+    })
+    p = prefs_from_table(t, ties="skip")
+    assert len(p) == 2 and p.counts() == {"rows": 2, "pairs": 3, "ties": 0}
+    assert p.skipped == {"bad_ranking": 2, "no_image": 1, "image_error": 1, "no_pairs": 1}
+    assert prefs_from_table(t, ties="half").counts() == {"rows": 3, "pairs": 3, "ties": 2}
+
+
+def test_split_is_by_row_key_and_deterministic():
+    keys = [f"img{i}".encode() for i in range(2000)]
+    a = [is_val(k, 0.2, 0) for k in keys]
+    assert a == [is_val(k, 0.2, 0) for k in keys]
+    assert 0.15 < sum(a) / len(a) < 0.25
+    assert a != [is_val(k, 0.2, 1) for k in keys]  # the seed changes the split
+    assert split_key({"id": None, "image_uri": "s3://b/x.jpg", "image": b"xx"}) == b"s3://b/x.jpg"
+
+
+# --- training (in-process, no Ray) -------------------------------------------------------------------------
+def test_training_learns_the_preference_and_beats_the_baselines(signal_fit):
+    res = signal_fit
+    m = res.metrics
+    assert m["val_pairs"] >= 100 and m["train_pairs"] >= 300
+    assert m["val_accuracy"] >= 0.75, m
+    assert m["val_accuracy"] >= m["val_accuracy_untrained"] + 0.15, m
+    assert m["val_accuracy"] >= m["val_accuracy_clip"] + 0.15, m
+    assert m["train_loss"] < 0.5
+    assert res.meta["reward_std"] > 0 and res.meta["feature_dim"] == 96 and res.backbone_state is None
+
+
+def test_ties_skipped_or_halved_both_learn(synthetic):
+    train, val = synthetic
+    skip = fit(config(ties="skip"), prefs_from_table(train, ties="skip"), prefs_from_table(val))
+    assert skip.metrics["train_ties"] == 0 and skip.metrics["val_accuracy"] >= 0.75
+
+
+def test_ties_only_do_not_push_a_direction(synthetic, signal_fit):
+    """Every caption tied, and the matching caption always listed first: a loss that read a tie as
+    "first preferred" would learn the colour signal; Bradley-Terry with target 0.5 must not."""
+    train, val = synthetic
+    rows = []
+    for r in train.to_pylist():
+        order = sorted(range(len(r["ranks"])), key=lambda k: r["ranks"][k])  # best first
+        rows.append({"id": r["id"], "image": r["image"], "captions": [r["captions"][k] for k in order],
+                     "ranks": [0] * len(order)})
+    ties_only = pa.Table.from_pylist(rows, schema=train.schema)
+    res = fit(config(), prefs_from_table(ties_only), prefs_from_table(val))
+    m = res.metrics
+    assert m["train_pairs"] == 0 and m["train_ties"] == 6 * len(rows)
+    assert m["train_loss"] == pytest.approx(math.log(2), abs=0.01)
+    signal = signal_fit.metrics
+    assert m["val_tie_margin"] < 0.05 < signal["val_tie_margin"]
+    assert abs(m["val_accuracy"] - 0.5) < abs(signal["val_accuracy"] - 0.5) - 0.2
+
+
+# --- Ray Train: the CLI, two CPU workers, checkpoint to the loopback S3 server ------------------------------------
+@pytest.mark.slow
+def test_cli_trains_on_ray_train_and_the_scorer_loads_the_s3_checkpoint(ray_session, s3_server, s3fs_client,
+                                                                       tmp_path, capsys):
+    from operators.storage import StorageConfig
+
+    data = tmp_path / "prefs.parquet"
+    pq.write_table(synthetic_preferences(128, seed=0), data)
+    s3fs_client.mkdir("imgcurate-train")
+    rc = main(["--data", str(data), "--out", "s3://imgcurate-train/reward", "--endpoint-url", s3_server,
+               "--backbone-model", "imgcurate-tiny-clip", "--backbone-pretrained", "none",
+               "--model-config-path", tiny_backbone().model_config_path, "--num-workers", "2",
+               "--epochs", "60", "--lr", "3e-3", "--batch-rows", "16",
+               "--val-fraction", "0.25"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "trained reward model" in printed and "plain CLIP score" in printed and "RANDOM WEIGHTS" in printed
+    report = json.loads(s3fs_client.cat("imgcurate-train/reward/train_report.json"))
+    m = report["metrics"]
+    assert report["num_workers"] == 2 and report["checkpoint"] == "s3://imgcurate-train/reward/reward_head.pt"
+    assert m["val_accuracy"] >= 0.75 and m["val_accuracy"] >= m["val_accuracy_untrained"] + 0.15, m
+    assert m["train_rows"] + m["val_rows"] >= 127  # the equal split may leave out one training row
+    assert s3fs_client.exists(report["ray_checkpoint"] + "/reward_head.pt")  # Ray Train's own copy, in S3 too
+
+    # The trained head, loaded by its s3:// spec, picks the preferred caption of held-out images.
+    rows = [r for r in synthetic_preferences(128, seed=0).to_pylist() if is_val(split_key(r), 0.25, 0)]
+    n = len(rows)
+    t = pa.table({"status": ["kept"] * n, "drop_stage": pa.array([None] * n, pa.string()),
+                  "drop_reason": pa.array([None] * n, pa.string()), "error_message": pa.array([None] * n, pa.string()),
+                  "image": pa.array([r["image"] for r in rows], pa.binary()),
+                  "captions": pa.array([r["captions"] for r in rows], pa.list_(pa.string()))})
+    s = RewardScorer(RewardConfig(enabled=True, backbone=tiny_backbone(), device="cpu",
+                                  head_checkpoint=report["checkpoint"]), storage=StorageConfig(endpoint_url=s3_server))
+    best = s(t).column("best_caption").to_pylist()
+    hits = sum(b == r["captions"][r["ranks"].index(0)] for b, r in zip(best, rows))
+    assert hits >= 0.5 * n, f"preferred caption picked for {hits}/{n} held-out images (chance: 1/4)"
