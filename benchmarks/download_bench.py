@@ -76,9 +76,8 @@ MiB = 1024 * 1024
 # imgcurate knobs for this run (config keys, as `--set` takes them; measured on 2 cores):
 # - every URL is on one host, so the per-host cap is the global one (128 open requests, as
 #   img2dataset's 2 x 64 threads); one download actor keeps up (~600 URLs/s here);
-# - images.num_cpus 1.5 of ray.num_cpus 4: two image tasks at once, one per core. Three (1.0)
-#   spread the work over more worker processes, and each new one pays ~3-4 s of CPU importing
-#   img2dataset (webdataset, torch, albumentations) before its first image;
+# - images.num_cpus 1.5 of ray.num_cpus 4: two image tasks at once, one per core (1.0 runs three
+#   on two cores, over more worker processes, each paying its own start-up);
 # - 1 MiB blocks (~40 downloaded images): images start while downloads go on; 8 MiB blocks
 #   (~300 images) left the image stage idle for most of the download.
 OURS_TUNING = [
