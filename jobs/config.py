@@ -18,6 +18,7 @@ from jobs.select import SelectionConfig
 from operators.clip import ClipConfig
 from operators.download import DownloadConfig
 from operators.images import ImageConfig
+from operators.reward import RewardConfig
 from operators.safety import SafetyConfig
 from operators.sources import SourceConfig
 from operators.storage import StorageConfig
@@ -79,6 +80,7 @@ class JobConfig(BaseModel):
     images: ImageConfig = ImageConfig()
     clip: ClipConfig = ClipConfig()
     safety: SafetyConfig = SafetyConfig()
+    reward: RewardConfig = RewardConfig()
     selection: SelectionConfig = SelectionConfig()
     ray: RayConfig = RayConfig()
 
@@ -162,6 +164,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if s.rigid and s.rigid.encoder and s.rigid.encoder.model_config_path:
         s.rigid.encoder.model_config_path = _local_file(s.rigid.encoder.model_config_path,
                                                         "safety.rigid.encoder.model_config_path")
+    r = cfg.reward
+    if r.enabled and r.backbone_type == "open_clip" and r.backbone is None and not cfg.clip.enabled:
+        raise ConfigError("bad value for 'reward.backbone': null needs clip.enabled (or give a backbone)")
+    if r.backbone and r.backbone.model_config_path:
+        r.backbone.model_config_path = _local_file(r.backbone.model_config_path, "reward.backbone.model_config_path")
+    if r.enabled and r.blip_path:
+        r.blip_path = _local_file(r.blip_path, "reward.blip_path")
+    if cfg.selection.reward_top_fraction is not None and not r.enabled:
+        raise ConfigError(f"bad value for 'selection.reward_top_fraction': {cfg.selection.reward_top_fraction!r} "
+                          "(needs reward.enabled: true)")
     return cfg
 
 

@@ -22,6 +22,8 @@ from jobs.plan import run_plan, waves_of
 from jobs.select import run_selection
 from operators.clip import ClipEmbedder, model_report
 from operators.download import HttpDownloader
+from operators.reward import RewardScorer
+from operators.reward import model_report as reward_report
 from operators.safety import SafetyScorer
 from operators.safety import model_report as safety_report
 from operators.images import ImageProcessor, process_images
@@ -110,6 +112,12 @@ def build_pipeline(cfg: JobConfig, ds):
             SafetyScorer, fn_constructor_kwargs={"config": cfg.safety, "storage": cfg.storage, "clip": cfg.clip},
             batch_format="pyarrow", batch_size=s.batch_size, num_cpus=s.num_cpus, num_gpus=s.num_gpus or None,
             compute=ActorPoolStrategy(min_size=s.pool[0], max_size=s.pool[1]))
+    if cfg.reward.enabled:
+        r = RewardScorer.resources(cfg.reward)
+        ds = ds.map_batches(
+            RewardScorer, fn_constructor_kwargs={"config": cfg.reward, "storage": cfg.storage, "clip": cfg.clip},
+            batch_format="pyarrow", batch_size=r.batch_size, num_cpus=r.num_cpus, num_gpus=r.num_gpus or None,
+            compute=ActorPoolStrategy(min_size=r.pool[0], max_size=r.pool[1]))
     return ds.map_batches(sink_prep, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
 
 
@@ -160,12 +168,14 @@ def models_of(cfg: JobConfig) -> dict:
     models = {"clip": model_report(cfg.clip)} if cfg.clip.enabled else {}
     if cfg.safety.enabled:
         models.update({f"safety.{k}": v for k, v in safety_report(cfg.safety, cfg.clip).items()})
+    if cfg.reward.enabled:
+        models["reward"] = reward_report(cfg.reward, cfg.clip)
     return models
 
 
 def check_run_identity(cfg: JobConfig) -> None:
     """An output folder belongs to one config: resume only with the same settings."""
-    fp = cfg.fingerprint("input", "plan", "download", "images", "clip", "safety")
+    fp = cfg.fingerprint("input", "plan", "download", "images", "clip", "safety", "reward")
     run_path = join(cfg.output.path, "_RUN.json")
     existing = read_json(run_path, cfg.storage)
     if existing is not None and existing.get("fingerprint") != fp:
@@ -225,6 +235,12 @@ def run(cfg: JobConfig) -> dict:
                     "phase1_s": round(sum(m["seconds"] for m in markers), 3), "selection_s": round(t_sel, 3)},
         "finished": time.time(),
     }
+    if "reward_top_fraction" in selections:  # Compress & Align's figure: how much of the run was removed
+        kept = selections["reward_top_fraction"]["kept"]
+        manifest["compression"] = {"samples": plan["samples"], "scored": selections["reward_top_fraction"]["scored"],
+                                   "kept": kept,
+                                   "kept_fraction": kept / max(plan["samples"], 1),
+                                   "compression_ratio": 1 - kept / max(plan["samples"], 1)}
     manifest["throughput_samples_per_s"] = round(processed / max(manifest["timings"]["phase1_s"], 1e-9), 2)
     # Data files first, manifest last: a reader trusts only a committed manifest.
     write_json_atomic(join(cfg.output.path, "_manifest.json"), manifest, cfg.storage)
@@ -249,6 +265,10 @@ def summary_table(manifest: dict) -> str:
     for name, sel in (manifest.get("selections") or {}).items():
         lines.append(f"phase 2 {name}: top {sel['fraction']:g} of {sel['scored']} scored samples, threshold "
                      f"{sel['threshold']:.4f}, {sel['kept']} kept (final status per sample in {sel['sidecars']})")
+    if manifest.get("compression"):
+        c = manifest["compression"]
+        lines.append(f"compression (reward top fraction): {c['compression_ratio']:.1%} removed, "
+                     f"{c['kept']} of {c['samples']} samples kept")
     models = manifest.get("models") or {}
     if not models:
         lines.append("models: none enabled (download and images only)")

@@ -31,6 +31,8 @@ class SelectionConfig(BaseModel):
 
     clip_top_fraction: float | None = Field(None, gt=0, le=1, description="keep the top fraction by clip_score "
                                                                          "over the whole run (DataComp: 0.3)")
+    reward_top_fraction: float | None = Field(None, gt=0, le=1, description="keep the top fraction by reward over "
+                                                                           "the whole run (Compress & Align: <= 0.3)")
 
 
 def _read(path: str, columns: list[str], root: str, storage: StorageConfig | None):
@@ -93,4 +95,10 @@ def run_selection(cfg, files: list[str]) -> dict:
         out["clip_top_fraction"] = top_fraction(
             files, "clip_score", cfg.selection.clip_top_fraction,
             join(cfg.output.path, "selection", "clip_top_fraction"), cfg.output.path, cfg.storage)
+    if cfg.selection.reward_top_fraction is not None:
+        if not cfg.reward.enabled:
+            raise ValueError("selection.reward_top_fraction needs reward.enabled: true")
+        rep = top_fraction(files, "reward", cfg.selection.reward_top_fraction,
+                           join(cfg.output.path, "selection", "reward_top_fraction"), cfg.output.path, cfg.storage)
+        out["reward_top_fraction"] = rep
     return out

@@ -19,7 +19,7 @@ from operators.storage import StorageConfig, arrow_fs
 # and no statistics on them (computing both costs more than the rest of the write); zstd
 # skips incompressible pages quickly and shrinks the metadata columns.
 DICTIONARY_COLUMNS = ["status", "drop_stage", "drop_reason", "content_type", "image_format", "caption_sources"]
-STATISTICS_COLUMNS = ["sample_id", "status", "drop_stage", "drop_reason", "clip_score", "width", "height"]
+STATISTICS_COLUMNS = ["sample_id", "status", "drop_stage", "drop_reason", "clip_score", "reward", "width", "height"]
 PARQUET_OPTIONS = {"compression": "zstd", "use_dictionary": DICTIONARY_COLUMNS, "write_statistics": STATISTICS_COLUMNS}
 
 LEADING_COLUMNS = ("sample_id", "status", "drop_stage", "drop_reason", "error_message", "url", "captions",

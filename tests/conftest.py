@@ -56,7 +56,7 @@ def ray_session():
 
     # Bind Ray to loopback: tests send traffic to 127.0.0.0/8 only.
     # 4 logical CPUs on 2 cores: see configs/dryrun.yaml (actors + resume filter + tasks must fit).
-    ray.init(num_cpus=5, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
