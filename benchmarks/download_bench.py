@@ -12,9 +12,10 @@ so a retry can succeed). A fresh server with the same seed serves each run.
 - img2dataset runs ``download(...)`` in a subprocess: 2 processes, 64 threads each, retries=2,
   timeout=10, the same image_size / resize_mode / encode_format / encode_quality as ours.
 - imgcurate runs ``python -m jobs.curate CONFIG`` in a subprocess: its own local Ray bound to
-  127.0.0.1, the same image settings, download retries 2 and timeout 10; the config is
-  configs/dryrun.yaml with model stages off and the knobs in ``OURS_TUNING`` (``--set`` adds
-  more; ``--job-env`` sets environment variables of the job, e.g. Ray Data switches).
+  127.0.0.1, the same image settings, download retries 2 and timeout 10; the config takes the
+  download, images and ray sections of configs/dryrun.yaml (no model stages: img2dataset has
+  none) and the knobs in ``OURS_TUNING``; ``--set`` adds more, ``--job-env`` sets environment
+  variables of the job (e.g. Ray Data switches).
 
 Printed: images/s and successes of each and their ratio, on two bases:
 - headline: the job's own time. img2dataset: the ``download()`` call. imgcurate: ``run()`` less
@@ -363,23 +364,25 @@ def run_img2dataset(work: Path, urls: Path, n: int, image_size: int) -> dict:
 
 # ------------------------------------------------------------------------------ imgcurate
 def ours_config(urls: Path, out: Path, image_size: int, shard_rows: int, overrides: list[str]) -> dict:
-    """configs/dryrun.yaml with img2dataset's image and retry settings, tuned for one host and 2 cores."""
+    """The download, images and ray sections of configs/dryrun.yaml with img2dataset's image and retry
+    settings and ``OURS_TUNING``; every other section (model stages, selection) at its default: off."""
     import yaml
 
     from jobs.config import apply_override, load_config
 
-    data = yaml.safe_load((ROOT / "configs" / "dryrun.yaml").read_text())
-    data["name"] = "download-bench"
-    data["input"] = {"paths": [str(urls)], "url_column": "url", "caption_columns": ["caption"]}
-    data["output"] = {"path": str(out)}
-    data["plan"] = {"num_buckets": 8, "shard_rows": shard_rows}
-    data["download"].update({"timeout_s": TIMEOUT_S, "retries": RETRIES})
-    data["images"] = {k: v for k, v in data["images"].items() if k not in ("min_image_size", "max_aspect_ratio")}
-    data["images"].update({"image_size": image_size, "resize_mode": RESIZE_MODE, "encode_format": ENCODE_FORMAT,
-                           "encode_quality": ENCODE_QUALITY})
-    for section in data.values():  # model stages (clip, ...) off: img2dataset downloads and resizes only
-        if isinstance(section, dict) and "enabled" in section:
-            section["enabled"] = False
+    dry = yaml.safe_load((ROOT / "configs" / "dryrun.yaml").read_text())
+    images = {k: v for k, v in dry["images"].items() if k not in ("min_image_size", "max_aspect_ratio")}
+    images.update({"image_size": image_size, "resize_mode": RESIZE_MODE, "encode_format": ENCODE_FORMAT,
+                   "encode_quality": ENCODE_QUALITY})
+    data = {
+        "name": "download-bench",
+        "input": {"paths": [str(urls)], "url_column": "url", "caption_columns": ["caption"]},
+        "output": {"path": str(out)},
+        "plan": {"num_buckets": 8, "shard_rows": shard_rows},
+        "download": {**dry["download"], "timeout_s": TIMEOUT_S, "connect_timeout_s": TIMEOUT_S, "retries": RETRIES},
+        "images": images,
+        "ray": dict(dry["ray"]),
+    }
     for o in [*OURS_TUNING, *overrides]:
         apply_override(data, o)
     load_config(data=data)  # fail here, not in the subprocess, on a bad key
@@ -501,7 +504,7 @@ def report(args, pairs, big, big_i2d, shard_rows, cores, load_before, load_after
         f"(1-min load average {load_before:.1f} before, {load_after:.1f} after)",
         f"  img2dataset {_version('img2dataset')}: {I2D_PROCESSES} processes x {I2D_THREADS} threads, "
         f"retries {RETRIES}, timeout {TIMEOUT_S}s, output parquet",
-        f"  imgcurate (ray {_version('ray')}): configs/dryrun.yaml, model stages off, plan.shard_rows={shard_rows} "
+        f"  imgcurate (ray {_version('ray')}): download/images/ray of configs/dryrun.yaml, no model stages, plan.shard_rows={shard_rows} "
         f"{' '.join([*OURS_TUNING, *args.overrides])}, retries {RETRIES}, timeout {TIMEOUT_S}s"
         + (f"; job environment {' '.join(args.job_env)}" if args.job_env else ""),
         "",
