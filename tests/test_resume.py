@@ -60,6 +60,19 @@ def committed_checkpoints(out: Path) -> list[Path]:
     return [p for p in (out / "_checkpoints").rglob("*.parquet")] if (out / "_checkpoints").exists() else []
 
 
+def wait_quiet(server, quiet_s: float = 2.0, timeout_s: float = 60.0) -> None:
+    """After a driver is killed, Ray tears down its workers asynchronously: wait until the server
+    has seen no request for ``quiet_s`` so the old job's last downloads are not counted as the rerun's."""
+    last, since, deadline = -1, time.monotonic(), time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        total = sum(server.hits.values())
+        if total != last:
+            last, since = total, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return
+        time.sleep(0.1)
+
+
 def committed_rows(out: Path) -> int:
     return sum(pq.read_metadata(str(p)).num_rows for p in committed_checkpoints(out))
 
@@ -102,6 +115,7 @@ def test_sigkill_driver_then_rerun_gives_every_sample_once(ray_session, slow_ser
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "_manifest.json").exists()
+    wait_quiet(slow_server)
     committed = committed_rows(out)
     assert 0 < committed < N_SAMPLES, f"the first run was not interrupted part-way ({committed} rows committed)"
 
