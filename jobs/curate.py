@@ -83,7 +83,8 @@ def versions() -> dict:
 
 # --- phase 1 ----------------------------------------------------------------------------
 def build_pipeline(cfg: JobConfig, ds):
-    """Read -> download (actors) -> image + sink prep (fused tasks): map-like ops only (checkpointable)."""
+    """Read -> download (actors) -> images (tasks) -> model stages (actors) -> sink prep: map-like ops
+    only, so Ray Data's checkpointing applies."""
     from ray.data import ActorPoolStrategy
 
     d = HttpDownloader.resources(cfg.download)
@@ -100,24 +101,18 @@ def build_pipeline(cfg: JobConfig, ds):
     im = ImageProcessor.resources(cfg.images)
     ds = ds.map_batches(process_images, fn_kwargs={"config": cfg.images}, batch_format="pyarrow",
                         batch_size=im.batch_size, num_cpus=im.num_cpus)
-    if cfg.clip.enabled:
-        c = ClipEmbedder.resources(cfg.clip)
-        ds = ds.map_batches(
-            ClipEmbedder, fn_constructor_kwargs={"config": cfg.clip, "storage": cfg.storage}, batch_format="pyarrow",
-            batch_size=c.batch_size, num_cpus=c.num_cpus, num_gpus=c.num_gpus or None,
-            compute=ActorPoolStrategy(min_size=c.pool[0], max_size=c.pool[1]))
-    if cfg.safety.enabled:
-        s = SafetyScorer.resources(cfg.safety)
-        ds = ds.map_batches(
-            SafetyScorer, fn_constructor_kwargs={"config": cfg.safety, "storage": cfg.storage, "clip": cfg.clip},
-            batch_format="pyarrow", batch_size=s.batch_size, num_cpus=s.num_cpus, num_gpus=s.num_gpus or None,
-            compute=ActorPoolStrategy(min_size=s.pool[0], max_size=s.pool[1]))
-    if cfg.reward.enabled:
-        r = RewardScorer.resources(cfg.reward)
-        ds = ds.map_batches(
-            RewardScorer, fn_constructor_kwargs={"config": cfg.reward, "storage": cfg.storage, "clip": cfg.clip},
-            batch_format="pyarrow", batch_size=r.batch_size, num_cpus=r.num_cpus, num_gpus=r.num_gpus or None,
-            compute=ActorPoolStrategy(min_size=r.pool[0], max_size=r.pool[1]))
+    # Model stages: GPU actors (CPU when configured so), in the order each reads the last's columns.
+    for enabled, op, stage_cfg, kwargs in (
+        (cfg.clip.enabled, ClipEmbedder, cfg.clip, {}),
+        (cfg.safety.enabled, SafetyScorer, cfg.safety, {"clip": cfg.clip}),
+        (cfg.reward.enabled, RewardScorer, cfg.reward, {"clip": cfg.clip}),
+    ):
+        if enabled:
+            r = op.resources(stage_cfg)
+            ds = ds.map_batches(
+                op, fn_constructor_kwargs={"config": stage_cfg, "storage": cfg.storage, **kwargs},
+                batch_format="pyarrow", batch_size=r.batch_size, num_cpus=r.num_cpus, num_gpus=r.num_gpus or None,
+                compute=ActorPoolStrategy(min_size=r.pool[0], max_size=r.pool[1]))
     return ds.map_batches(sink_prep, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
 
 
