@@ -96,9 +96,15 @@ def load_clip(cfg: ClipConfig, storage: StorageConfig | None = None, device: str
     precision = cfg.precision
     if precision == "auto":
         precision = "fp16" if device.startswith("cuda") else "fp32"
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        cfg.model, pretrained=None if cfg.model.startswith("hf-hub:") else pretrained, precision=precision,
-        device=device)
+    import torch
+
+    # Random weights are seeded (without touching the process's RNG), so every actor, and a
+    # rerun, score with the same random model.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            cfg.model, pretrained=None if cfg.model.startswith("hf-hub:") else pretrained, precision=precision,
+            device=device)
     model.eval()
     tokenizer = open_clip.get_tokenizer(cfg.model)
     return model, preprocess, tokenizer

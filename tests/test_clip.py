@@ -174,3 +174,9 @@ def test_overlapped_micro_batches_keep_rows_aligned(checkpoint):
             np.testing.assert_allclose(a["clip_scores"], b["clip_scores"], rtol=1e-4, atol=1e-5)
     direct = direct_scores(checkpoint, imgs[3], caps[3])
     np.testing.assert_allclose(micro[3]["clip_scores"], direct, rtol=1e-4, atol=1e-5)
+
+
+def test_random_weights_are_the_same_in_every_actor():
+    a = embedder(None)(batch([jpeg(30)], [["x", "y"]])).column("clip_scores").to_pylist()
+    b = embedder(None)(batch([jpeg(30)], [["x", "y"]])).column("clip_scores").to_pylist()
+    assert a == b
