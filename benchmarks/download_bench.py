@@ -200,12 +200,14 @@ class TreeSampler(threading.Thread):
         self.tracked, self.interval_s = tracked, interval_s
         self.peak_rss = self.peak_pss = 0
         self.peak_procs = 0
+        self.rss_at_peak: dict[str, int] = {}               # title -> RSS summed, at the peak
         self.cpu: dict[tuple[int, float], float] = {}      # (pid, create_time) -> user+sys seconds
         self.labels: dict[tuple[int, float], str] = {}
         self._stop_evt = threading.Event()
 
     def sample(self) -> None:
         rss = pss = 0
+        per_label: dict[str, int] = {}
         procs = self.tracked.tree()
         for p in procs:
             try:
@@ -220,7 +222,9 @@ class TreeSampler(threading.Thread):
             self.cpu[key] = t.user + t.system
             if key not in self.labels or (label.startswith("ray::") and label != "ray::IDLE"):
                 self.labels[key] = label  # a Ray worker keeps the title of the last work it did
-        self.peak_rss = max(self.peak_rss, rss)
+            per_label[self.labels[key]] = per_label.get(self.labels[key], 0) + m.rss
+        if rss > self.peak_rss:
+            self.peak_rss, self.rss_at_peak = rss, per_label
         self.peak_pss = max(self.peak_pss, pss)
         self.peak_procs = max(self.peak_procs, len(procs))
 
@@ -261,7 +265,8 @@ def run_measured(cmd: list[str], log_path: Path, timeout_s: float, env: dict | N
     by_label = sampler.cpu_by_label()
     return {"wall_s": wall, "peak_rss": sampler.peak_rss, "peak_pss": sampler.peak_pss,
             "peak_procs": sampler.peak_procs, "procs": len(sampler.cpu),
-            "cpu_s": sum(v for _, v in by_label.values()), "cpu_by_label": by_label}
+            "cpu_s": sum(v for _, v in by_label.values()), "cpu_by_label": by_label,
+            "rss_at_peak": dict(sorted(sampler.rss_at_peak.items(), key=lambda kv: -kv[1]))}
 
 
 class ServerProc:
@@ -573,6 +578,11 @@ def report(args, pairs, big, big_i2d, shard_rows, cores, load_before, load_after
         lines.append(f"{'':<14} imgcurate: Ray start {big['ray_start_s']:.1f}s (not in job_s), plan "
                      f"{big['plan_s']:.1f}s, phase 1 {big['phase1_s']:.1f}s = "
                      f"{_rate(big['successes'], big['phase1_s']):.1f} images/s (phase 1 only)")
+        for name, r in (("img2dataset", big_i2d), ("imgcurate", big)):
+            if r:
+                top = ", ".join(f"{lab} x{k} {sec:.1f}" for lab, (k, sec) in list(r["cpu_by_label"].items())[:8])
+                lines.append(f"  CPU of {name}: {r['cpu_s']:.1f}s in {r['procs']} processes (+ sample server "
+                             f"{r['server_cpu_s']:.1f}s): {top}")
         if big_i2d:
             r10 = _rate(big["successes"], big["job_s"]) / _rate(big_i2d["successes"], big_i2d["job_s"])
             lines.append(f"ratio at 10N (job_s basis): {r10:.2f}; whole command: "
@@ -583,6 +593,9 @@ def report(args, pairs, big, big_i2d, shard_rows, cores, load_before, load_after
                      f"PSS {base['peak_pss'] / MiB:.0f} -> {big['peak_pss'] / MiB:.0f} MiB "
                      f"(ratio {big['peak_pss'] / base['peak_pss']:.2f}); at most {base['peak_procs']} -> "
                      f"{big['peak_procs']} processes at once")
+        for tag, r in ((f"N={n}", base), (f"N={n10}", big)):
+            top = ", ".join(f"{lab} {v / MiB:.0f}" for lab, v in list(r["rss_at_peak"].items())[:6])
+            lines.append(f"  RSS at the peak, MiB per process title ({tag}): {top}")
         if big_i2d and pairs[0][0]:
             a = pairs[0][0]
             lines.append(f"  img2dataset for reference: N={n} -> {a['peak_rss'] / MiB:.0f} MiB, N={n10} -> "
