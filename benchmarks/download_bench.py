@@ -201,6 +201,7 @@ class TreeSampler(threading.Thread):
         self.peak_rss = self.peak_pss = 0
         self.peak_procs = 0
         self.rss_at_peak: dict[str, int] = {}               # title -> RSS summed, at the peak
+        self.peak_by_label: dict[str, int] = {}             # title -> its own peak of RSS summed
         self.cpu: dict[tuple[int, float], float] = {}      # (pid, create_time) -> user+sys seconds
         self.labels: dict[tuple[int, float], str] = {}
         self._stop_evt = threading.Event()
@@ -225,6 +226,8 @@ class TreeSampler(threading.Thread):
             per_label[self.labels[key]] = per_label.get(self.labels[key], 0) + m.rss
         if rss > self.peak_rss:
             self.peak_rss, self.rss_at_peak = rss, per_label
+        for lab, v in per_label.items():
+            self.peak_by_label[lab] = max(self.peak_by_label.get(lab, 0), v)
         self.peak_pss = max(self.peak_pss, pss)
         self.peak_procs = max(self.peak_procs, len(procs))
 
@@ -266,7 +269,8 @@ def run_measured(cmd: list[str], log_path: Path, timeout_s: float, env: dict | N
     return {"wall_s": wall, "peak_rss": sampler.peak_rss, "peak_pss": sampler.peak_pss,
             "peak_procs": sampler.peak_procs, "procs": len(sampler.cpu),
             "cpu_s": sum(v for _, v in by_label.values()), "cpu_by_label": by_label,
-            "rss_at_peak": dict(sorted(sampler.rss_at_peak.items(), key=lambda kv: -kv[1]))}
+            "rss_at_peak": dict(sorted(sampler.rss_at_peak.items(), key=lambda kv: -kv[1])),
+            "peak_by_label": dict(sorted(sampler.peak_by_label.items(), key=lambda kv: -kv[1]))}
 
 
 class ServerProc:
@@ -596,6 +600,9 @@ def report(args, pairs, big, big_i2d, shard_rows, cores, load_before, load_after
         for tag, r in ((f"N={n}", base), (f"N={n10}", big)):
             top = ", ".join(f"{lab} {v / MiB:.0f}" for lab, v in list(r["rss_at_peak"].items())[:6])
             lines.append(f"  RSS at the peak, MiB per process title ({tag}): {top}")
+        for tag, r in ((f"N={n}", base), (f"N={n10}", big)):
+            top = ", ".join(f"{lab} {v / MiB:.0f}" for lab, v in list(r["peak_by_label"].items())[:6])
+            lines.append(f"  each title's own peak, MiB ({tag}): {top}")
         if big_i2d and pairs[0][0]:
             a = pairs[0][0]
             lines.append(f"  img2dataset for reference: N={n} -> {a['peak_rss'] / MiB:.0f} MiB, N={n10} -> "
