@@ -39,6 +39,13 @@ class Resources:
         return dataclasses.replace(self, **clean)
 
 
+def model_stage_resources(config, needs_gpu: bool = True) -> Resources:
+    """Resources of a model stage from its config: no GPU when it runs on the CPU."""
+    gpus = config.num_gpus if needs_gpu and config.device != "cpu" else 0.0
+    return Resources(num_cpus=config.num_cpus, num_gpus=gpus, batch_size=config.batch_size,
+                     pool=(config.pool_min, config.pool_max))
+
+
 class Operator:
     """Base class: declares columns and resources; subclasses implement ``process``."""
 

@@ -25,7 +25,8 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from operators.base import DROPPED, FAILED, Operator, Resources, alive_mask, mark, set_columns
+from operators.base import (DROPPED, FAILED, Operator, Resources, alive_mask, mark, model_stage_resources,
+                            set_columns)
 from operators.storage import StorageConfig, fsspec_fs
 
 log = logging.getLogger(__name__)
@@ -124,9 +125,7 @@ class ClipEmbedder(Operator):
 
     @classmethod
     def resources(cls, config: ClipConfig) -> Resources:
-        gpus = 0.0 if config.device == "cpu" else config.num_gpus
-        return Resources(num_cpus=config.num_cpus, num_gpus=gpus, batch_size=config.batch_size,
-                         pool=(config.pool_min, config.pool_max))
+        return model_stage_resources(config)
 
     # -- state, once per actor ----------------------------------------------------------------
     def _setup(self):

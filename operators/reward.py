@@ -33,7 +33,8 @@ from typing import ClassVar, Literal
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from operators.base import DROPPED, FAILED, Operator, Resources, alive_mask, mark, set_columns
+from operators.base import (DROPPED, FAILED, Operator, Resources, alive_mask, mark, model_stage_resources,
+                            set_columns)
 from operators.clip import ClipConfig, ClipEmbedder
 from operators.clip import model_report as clip_model_report
 from operators.storage import StorageConfig, fsspec_fs, is_remote
@@ -382,9 +383,7 @@ class RewardScorer(Operator):
 
     @classmethod
     def resources(cls, config: RewardConfig) -> Resources:
-        gpus = 0.0 if config.device == "cpu" else config.num_gpus
-        return Resources(num_cpus=config.num_cpus, num_gpus=gpus, batch_size=config.batch_size,
-                         pool=(config.pool_min, config.pool_max))
+        return model_stage_resources(config)
 
     def backbone_config(self) -> ClipConfig | None:
         return self.config.backbone or self.clip

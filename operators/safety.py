@@ -42,7 +42,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from operators.base import DROPPED, FAILED, KEPT, Operator, Resources, mark, set_columns
+from operators.base import (DROPPED, FAILED, KEPT, Operator, Resources, mark, model_stage_resources,
+                            set_columns)
 from operators.clip import ClipConfig, _fetch_checkpoint, load_clip
 from operators.clip import model_report as clip_model_report
 from operators.storage import StorageConfig
@@ -302,11 +303,8 @@ class SafetyScorer(Operator):
 
     @classmethod
     def resources(cls, config: SafetyConfig) -> Resources:
-        gpus = config.num_gpus
-        if config.device == "cpu" or (config.device == "auto" and not config.uses_images()):
-            gpus = 0.0
-        return Resources(num_cpus=config.num_cpus, num_gpus=gpus, batch_size=config.batch_size,
-                         pool=(config.pool_min, config.pool_max))
+        # Embedding heads alone are tiny MLPs: with device auto they need no GPU.
+        return model_stage_resources(config, needs_gpu=config.device != "auto" or config.uses_images())
 
     def rigid_encoder_config(self) -> ClipConfig | None:
         r = self.config.rigid
