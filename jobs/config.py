@@ -18,6 +18,7 @@ from jobs.select import SelectionConfig
 from operators.clip import ClipConfig
 from operators.download import DownloadConfig
 from operators.images import ImageConfig
+from operators.recaption import RecaptionConfig
 from operators.reward import RewardConfig
 from operators.safety import SafetyConfig
 from operators.sources import SourceConfig
@@ -80,6 +81,7 @@ class JobConfig(BaseModel):
     images: ImageConfig = ImageConfig()
     clip: ClipConfig = ClipConfig()
     safety: SafetyConfig = SafetyConfig()
+    recaption: RecaptionConfig = RecaptionConfig()
     reward: RewardConfig = RewardConfig()
     selection: SelectionConfig = SelectionConfig()
     ray: RayConfig = RayConfig()
@@ -171,6 +173,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         r.backbone.model_config_path = _local_file(r.backbone.model_config_path, "reward.backbone.model_config_path")
     if r.enabled and r.blip_path:
         r.blip_path = _local_file(r.blip_path, "reward.blip_path")
+    rc = cfg.recaption
+    if rc.enabled and rc.model_config_path:
+        rc.model_config_path = _local_file(rc.model_config_path, "recaption.model_config_path")
+    if rc.enabled and rc.model and not rc.model.startswith(("s3://", "file://")) and rc.model.startswith((".", "/")):
+        rc.model = _local_file(rc.model, "recaption.model")
     if cfg.selection.reward_top_fraction is not None and not r.enabled:
         raise ConfigError(f"bad value for 'selection.reward_top_fraction': {cfg.selection.reward_top_fraction!r} "
                           "(needs reward.enabled: true)")

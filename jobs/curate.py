@@ -22,6 +22,8 @@ from jobs.plan import run_plan, waves_of
 from jobs.select import run_selection
 from operators.clip import ClipEmbedder, model_report
 from operators.download import HttpDownloader
+from operators.recaption import Recaptioner
+from operators.recaption import model_report as recaption_report
 from operators.reward import RewardScorer
 from operators.reward import model_report as reward_report
 from operators.safety import SafetyScorer
@@ -102,18 +104,50 @@ def build_pipeline(cfg: JobConfig, ds):
     ds = ds.map_batches(process_images, fn_kwargs={"config": cfg.images}, batch_format="pyarrow",
                         batch_size=im.batch_size, num_cpus=im.num_cpus)
     # Model stages: GPU actors (CPU when configured so), in the order each reads the last's columns.
+    # Recaptioning runs after the filters (only kept samples cost generation) and before the reward
+    # model, which ranks the recaption against the alt-texts.
+    rc = cfg.recaption
     for enabled, op, stage_cfg, kwargs in (
         (cfg.clip.enabled, ClipEmbedder, cfg.clip, {}),
         (cfg.safety.enabled, SafetyScorer, cfg.safety, {"clip": cfg.clip}),
+        (rc.enabled, Recaptioner, rc, {"cache_root": recaption_cache_root(cfg)}),
         (cfg.reward.enabled, RewardScorer, cfg.reward, {"clip": cfg.clip}),
     ):
-        if enabled:
+        if enabled and op is Recaptioner and rc.backend == "vllm":
+            ds = apply_vllm_recaption(ds, rc, cfg.storage, recaption_cache_root(cfg))
+        elif enabled:
             r = op.resources(stage_cfg)
             ds = ds.map_batches(
                 op, fn_constructor_kwargs={"config": stage_cfg, "storage": cfg.storage, **kwargs},
                 batch_format="pyarrow", batch_size=r.batch_size, num_cpus=r.num_cpus, num_gpus=r.num_gpus or None,
                 compute=ActorPoolStrategy(min_size=r.pool[0], max_size=r.pool[1]))
     return ds.map_batches(sink_prep, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+
+
+def apply_vllm_recaption(ds, rc, storage, cache_root: str):
+    """The vLLM backend: cache lookup -> ray.data.llm's vLLM processor (multimodal stage) -> cache
+    store. Every row passes through; rows not kept or cached send the engine a one-token request."""
+    from functools import partial
+
+    from ray.data import ActorPoolStrategy
+    from ray.data.llm import build_processor
+
+    from operators.recaption import (RecaptionCacheLookup, RecaptionCacheStore, vllm_postprocess,
+                                     vllm_preprocess, vllm_processor_config)
+
+    io_kwargs = {"fn_constructor_kwargs": {"config": rc, "storage": storage, "cache_root": cache_root},
+                 "batch_format": "pyarrow", "num_cpus": 0.25, "compute": ActorPoolStrategy(min_size=1, max_size=2)}
+    ds = ds.map_batches(RecaptionCacheLookup, batch_size=rc.batch_size, **io_kwargs)
+    processor = build_processor(vllm_processor_config(rc, storage), preprocess=partial(vllm_preprocess, cfg=rc),
+                                postprocess=partial(vllm_postprocess, cfg=rc))
+    ds = processor(ds)
+    return ds.map_batches(RecaptionCacheStore, batch_size=rc.batch_size, **io_kwargs)
+
+
+def recaption_cache_root(cfg: JobConfig) -> str:
+    """Where recaptions are cached: ``recaption.cache_path``, else inside the output (a resume
+    reuses it; point a recurring refresh at one shared path to reuse it across runs)."""
+    return cfg.recaption.cache_path or join(cfg.output.path, "_cache", "recaption")
 
 
 def wave_paths(cfg: JobConfig, i: int) -> dict[str, str]:
@@ -149,6 +183,8 @@ def run_wave(cfg: JobConfig, i: int, buckets: list[dict]) -> dict:
                        f"under {paths['data']}; not committing the wave")
     marker = {"wave": i, "buckets": [b["bucket"] for b in buckets], "samples": expected,
               "outcomes": written["outcomes"], "files": written["files"], "seconds": round(seconds, 3)}
+    if "recaption" in written:
+        marker["recaption"] = written["recaption"]
     write_json_atomic(paths["marker"], marker, cfg.storage)
     cfs, cp = fsspec_fs(paths["checkpoint"], cfg.storage)
     if cfs.exists(cp):
@@ -163,6 +199,8 @@ def models_of(cfg: JobConfig) -> dict:
     models = {"clip": model_report(cfg.clip)} if cfg.clip.enabled else {}
     if cfg.safety.enabled:
         models.update({f"safety.{k}": v for k, v in safety_report(cfg.safety, cfg.clip).items()})
+    if cfg.recaption.enabled:
+        models["recaption"] = recaption_report(cfg.recaption)
     if cfg.reward.enabled:
         models["reward"] = reward_report(cfg.reward, cfg.clip)
     return models
@@ -170,7 +208,7 @@ def models_of(cfg: JobConfig) -> dict:
 
 def check_run_identity(cfg: JobConfig) -> None:
     """An output folder belongs to one config: resume only with the same settings."""
-    fp = cfg.fingerprint("input", "plan", "download", "images", "clip", "safety", "reward")
+    fp = cfg.fingerprint("input", "plan", "download", "images", "clip", "safety", "recaption", "reward")
     run_path = join(cfg.output.path, "_RUN.json")
     existing = read_json(run_path, cfg.storage)
     if existing is not None and existing.get("fingerprint") != fp:
@@ -236,6 +274,11 @@ def run(cfg: JobConfig) -> dict:
                                    "kept": kept,
                                    "kept_fraction": kept / max(plan["samples"], 1),
                                    "compression_ratio": 1 - kept / max(plan["samples"], 1)}
+    recap = [m["recaption"] for m in markers if "recaption" in m]
+    if recap:  # how often the recaption was the reward model's best caption
+        r = {k: sum(x.get(k, 0) for x in recap) for k in ("recaptioned", "cached", "ranked", "won")}
+        r["win_rate"] = r["won"] / r["ranked"] if r["ranked"] else None
+        manifest["recaption"] = r
     manifest["throughput_samples_per_s"] = round(processed / max(manifest["timings"]["phase1_s"], 1e-9), 2)
     # Data files first, manifest last: a reader trusts only a committed manifest.
     write_json_atomic(join(cfg.output.path, "_manifest.json"), manifest, cfg.storage)
@@ -264,11 +307,17 @@ def summary_table(manifest: dict) -> str:
         c = manifest["compression"]
         lines.append(f"compression (reward top fraction): {c['compression_ratio']:.1%} removed, "
                      f"{c['kept']} of {c['samples']} samples kept")
+    if manifest.get("recaption"):
+        r = manifest["recaption"]
+        won = (f"the recaption was the reward model's best caption for {r['won']} of {r['ranked']} "
+               f"({r['win_rate']:.1%})" if r["ranked"] else "no reward ranking (reward stage off)")
+        lines.append(f"recaption: {r['recaptioned']} samples recaptioned ({r['cached']} from the cache); {won}")
     models = manifest.get("models") or {}
     if not models:
         lines.append("models: none enabled (download and images only)")
     for stage, m in models.items():
-        note = "RANDOM WEIGHTS (scores are meaningless)" if m.get("random_weights") else f"pretrained={m['pretrained']}"
+        meaningless = "captions are gibberish" if stage == "recaption" else "scores are meaningless"
+        note = f"RANDOM WEIGHTS ({meaningless})" if m.get("random_weights") else f"pretrained={m['pretrained']}"
         lines.append(f"models: {stage} = {m['model']} ({note})")
     return "\n".join(lines)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from operators.base import STATUS_COLUMNS, Operator, count_outcomes, null_where_not_kept, set_columns
@@ -54,9 +55,32 @@ def count_written(path: str, storage: StorageConfig | None = None) -> dict:
         return {"rows": 0, "outcomes": {}, "files": []}
     totals: dict[str, int] = {}
     rows = 0
-    for rb in dataset.to_batches(columns=["status", "drop_stage", "drop_reason"], batch_size=1 << 20):
+    names = set(dataset.schema.names)
+    extra = [c for c in ("recaption", "recaption_cached", "best_caption_source") if c in names]
+    recap = {"recaptioned": 0, "cached": 0, "ranked": 0, "won": 0} if "recaption" in names else None
+    for rb in dataset.to_batches(columns=["status", "drop_stage", "drop_reason", *extra], batch_size=1 << 20):
         t = pa.Table.from_batches([rb])
         rows += t.num_rows
         for k, v in count_outcomes(t).items():
             totals[k] = totals.get(k, 0) + v
-    return {"rows": rows, "outcomes": totals, "files": sorted(dataset.files)}
+        if recap is not None:
+            for k, v in recaption_counts(t).items():
+                recap[k] += v
+    out = {"rows": rows, "outcomes": totals, "files": sorted(dataset.files)}
+    if recap is not None:
+        out["recaption"] = recap
+    return out
+
+
+def recaption_counts(t: pa.Table) -> dict[str, int]:
+    """Recaptioned rows, from the cache, and how often the reward model ranked the recaption first."""
+    has = pc.is_valid(t.column("recaption"))
+    out = {"recaptioned": int(pc.sum(has).as_py() or 0),
+           "cached": int(pc.sum(pc.and_(has, pc.fill_null(t.column("recaption_cached"), False))).as_py() or 0)
+           if "recaption_cached" in t.column_names else 0}
+    if "best_caption_source" in t.column_names:
+        ranked = pc.and_(has, pc.is_valid(t.column("best_caption_source")))
+        won = pc.and_(ranked, pc.fill_null(pc.starts_with(t.column("best_caption_source"), "recaption:"), False))
+        out["ranked"] = int(pc.sum(ranked).as_py() or 0)
+        out["won"] = int(pc.sum(won).as_py() or 0)
+    return out
