@@ -222,9 +222,14 @@ def alt_text_of(captions: list | None, sources: list | None) -> str:
     return ""
 
 
+_FIELD = re.compile(r"\{(alt_text|facts)\}")
+
+
 def render_prompt(template: str, alt_text: str, facts: str) -> str:
-    """Fill ``{alt_text}`` and ``{facts}`` (plain replacement: braces in alt-text are just text)."""
-    return template.replace("{alt_text}", alt_text or "(none)").replace("{facts}", facts or "(nothing detected)")
+    """Fill ``{alt_text}`` and ``{facts}`` in one pass over the template: braces (or a
+    ``{facts}``) inside the alt-text are just text."""
+    values = {"alt_text": alt_text or "(none)", "facts": facts or "(nothing detected)"}
+    return _FIELD.sub(lambda m: values[m.group(1)], template)
 
 
 def prompt_inputs_digest(template: str, alt_text: str) -> str:
@@ -288,15 +293,26 @@ class TorchvisionDetector:
         self.cfg = cfg
         self.device = device
         weights = cfg.weights
+
+        def build(**kw):
+            # The model's own score cut (R-CNNs: box_score_thresh; RetinaNet, FCOS, SSD: score_thresh)
+            # must not hide what score_threshold would keep.
+            for name in ("box_score_thresh", "score_thresh"):
+                try:
+                    return get_model(cfg.model, **kw, **{name: min(cfg.score_threshold, 0.05)})
+                except TypeError:
+                    continue
+            return get_model(cfg.model, **kw)
+
         if weights is None or "://" in weights or weights.startswith(("/", ".")) or weights.endswith((".pt", ".pth")):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(RANDOM_SEED)
-                model = get_model(cfg.model, weights=None, weights_backbone=None, num_classes=91)
+                model = build(weights=None, weights_backbone=None, num_classes=91)
             if weights is not None:
                 state = torch.load(fetch_local(weights, storage, cache_dir), map_location="cpu", weights_only=True)
                 model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
         else:  # a torchvision weights tag: downloads into torch's hub cache
-            model = get_model(cfg.model, weights=weights)
+            model = build(weights=weights)
         self.labels = list(detection.FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1.meta["categories"])
         self.model = model.to(device).eval()
 

@@ -1,0 +1,353 @@
+"""Recaptioner with tiny random transformers captioners the tests build from configs and save."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from jobs.config import ConfigError, load_config  # noqa: E402
+from operators.recaption import (  # noqa: E402
+    DEFAULT_TEXTUALIZE_PROMPT, SOURCE_PREFIX, RecaptionCacheLookup, RecaptionCacheStore, RecaptionConfig,
+    Recaptioner, TorchvisionDetector, alt_text_of, clean_alt_text, describe_objects, render_prompt,
+    vllm_postprocess, vllm_preprocess, vllm_processor_config, write_tiny_captioner,
+)
+from tests.conftest import ROOT  # noqa: E402
+
+TINY_DIR = str(ROOT / "configs" / "models" / "imgcurate-tiny-captioner")
+
+
+def jpeg(seed: int, size=(48, 64)) -> bytes:
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    buf = io.BytesIO()
+    Image.fromarray((rng.rand(size[0], size[1], 3) * 255).astype("uint8")).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def batch(images, captions, status=None, sources=None) -> pa.Table:
+    n = len(images)
+    status = status or ["kept"] * n
+    return pa.table({
+        "sample_id": [f"s{i}" for i in range(n)],
+        "status": status,
+        "drop_stage": pa.array([None if s == "kept" else "clip" for s in status], pa.string()),
+        "drop_reason": pa.array([None if s == "kept" else "clip_below_0.28" for s in status], pa.string()),
+        "error_message": pa.array([None] * n, pa.string()),
+        "image": pa.array(images, pa.binary()),
+        "captions": pa.array(captions, pa.list_(pa.string())),
+        "caption_sources": pa.array(sources or [["caption"] * len(c) for c in captions], pa.list_(pa.string())),
+    })
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory) -> str:
+    """A tiny BLIP captioner with seeded random weights, saved by the test like a real checkpoint."""
+    return write_tiny_captioner(str(tmp_path_factory.mktemp("tinyblip")), weights=True)
+
+
+def cfg(model: str | None, **kw) -> RecaptionConfig:
+    base = {"enabled": True, "model": model, "model_config_path": None if model else TINY_DIR, "device": "cpu",
+            "max_new_tokens": 8, "cache": False}
+    base.update(kw)
+    return RecaptionConfig(**base)
+
+
+# --- generation ---------------------------------------------------------------------------------
+def test_one_caption_per_kept_sample_none_for_dropped(saved_model):
+    t = batch([jpeg(1), jpeg(2), jpeg(3), b"not an image"], [["a dog"], ["a cat"], ["x"], ["y"]],
+              status=["kept", "dropped", "kept", "kept"])
+    op = Recaptioner(cfg(saved_model))
+    out = op(t)
+    rows = out.to_pylist()
+    assert op.generated == 2  # the dropped row and the undecodable one cost no generation
+    for i in (0, 2):
+        r = rows[i]
+        assert isinstance(r["recaption"], str) and r["recaption"]
+        assert r["recaption_model"] == op.model_name and r["recaption_cached"] is False
+        assert r["recaption_tokens"] > 0
+        assert r["captions"][-1] == r["recaption"] and r["caption_sources"][-1] == SOURCE_PREFIX + op.model_name
+        assert r["captions"][0] == t.column("captions")[i].as_py()[0]
+    dropped = rows[1]
+    assert dropped["recaption"] is None and dropped["recaption_model"] is None
+    assert dropped["captions"] == ["a cat"] and dropped["caption_sources"] == ["caption"]
+    assert (dropped["status"], dropped["drop_reason"]) == ("dropped", "clip_below_0.28")
+    bad = rows[3]
+    assert (bad["status"], bad["drop_stage"], bad["drop_reason"]) == ("failed", "recaption", "decode_error")
+    assert bad["recaption"] is None and bad["captions"] == ["y"]
+    assert out.column("image").equals(t.column("image"))
+
+
+def test_loaded_by_path_and_file_url_agree(saved_model):
+    t = batch([jpeg(4), jpeg(5)], [["a"], ["b"]])
+    a = Recaptioner(cfg(saved_model))(t).column("recaption").to_pylist()
+    b = Recaptioner(cfg(f"file://{saved_model}"))(t).column("recaption").to_pylist()
+    assert a == b and all(a)
+
+
+def test_batched_generation_equals_one_at_a_time(saved_model):
+    """Micro-batches (padding, sorting by prompt length) must not change greedy captions."""
+    imgs = [jpeg(10 + i) for i in range(6)]
+    caps = [["short"], ["a much longer alt text about a red bus on a street"], [""], ["日本語の説明"], ["b"],
+            ["two three four"]]
+    t = batch(imgs, caps)
+    for prompt in ("a picture of", "{alt_text}"):
+        batched = Recaptioner(cfg(saved_model, prompt=prompt, micro_batch=6))(t).column("recaption").to_pylist()
+        single = Recaptioner(cfg(saved_model, prompt=prompt, micro_batch=1))(t).column("recaption").to_pylist()
+        assert batched == single
+
+
+def test_random_weights_from_config_are_seeded():
+    t = batch([jpeg(6), jpeg(7)], [["a"], ["b"]])
+    a = Recaptioner(cfg(None))(t).column("recaption").to_pylist()
+    b = Recaptioner(cfg(None))(t).column("recaption").to_pylist()
+    assert a == b and all(isinstance(x, str) for x in a)
+
+
+# --- prompts --------------------------------------------------------------------------------------
+def test_alt_text_cleaning_empty_long_and_non_latin():
+    assert clean_alt_text(None, 50) == "" and clean_alt_text("   \n\t ", 50) == ""
+    assert clean_alt_text("a\u202edog\x00 on\n\nthe  mat\u200b", 100) == "a dog on the mat"
+    long = " ".join(["word"] * 500)
+    cut = clean_alt_text(long, 100)
+    assert len(cut) <= 101 and cut.endswith("…") and not cut[:-1].endswith(" ")
+    assert clean_alt_text("x" * 300, 100) == "x" * 100 + "…"  # no space: a hard cut
+    assert clean_alt_text("東京の夜景 🌃 Ελληνικά", 100) == "東京の夜景 🌃 Ελληνικά"
+    # Braces in alt-text are text, not a format field.
+    p = render_prompt("alt: {alt_text} / {facts}", "{facts} {0} }{", "- dog")
+    assert p == "alt: {facts} {0} }{ / - dog"
+    assert render_prompt("alt: {alt_text}", "", "") == "alt: (none)"
+    # The alt-text quoted is the first real caption, never an earlier recaption.
+    assert alt_text_of(["", "old recap", "the alt"], ["caption", SOURCE_PREFIX + "m", "title"]) == "the alt"
+    assert alt_text_of(None, None) == ""
+
+
+def test_prompts_with_odd_alt_texts_generate_and_respect_token_limit(saved_model):
+    caps = [[], [""], ["x " * 4000], ["中文标题：一只猫在沙发上"], ["emoji 🐶🐱 and <b>html</b> {alt_text}"]]
+    t = batch([jpeg(20 + i) for i in range(len(caps))], caps, sources=[["caption"] * len(c) for c in caps])
+    c = cfg(saved_model, prompt=DEFAULT_TEXTUALIZE_PROMPT, max_alt_text_chars=5000, max_prompt_tokens=48)
+    op = Recaptioner(c)
+    rows = op(t).to_pylist()
+    assert op.generated == len(caps)
+    assert all(isinstance(r["recaption"], str) and r["status"] == "kept" for r in rows)
+    assert rows[0]["captions"] == [rows[0]["recaption"]]  # no alt-text: the recaption is the only caption
+    assert rows[1]["captions"][0] == ""
+    # The processor truncates the prompt to max_prompt_tokens.
+    enc = op._captioner.processor(images=[np.zeros((8, 8, 3), np.uint8)], text=["x " * 4000], truncation=True,
+                                  max_length=c.max_prompt_tokens, return_tensors="pt")
+    assert enc["input_ids"].shape[1] <= c.max_prompt_tokens
+
+
+# --- Image Textualization ------------------------------------------------------------------------
+def test_describe_objects_relative_boxes_sizes_and_order():
+    dets = [("cat", 0.6, (0, 0, 50, 50)), ("dog", 0.9, (50, 50, 100, 100)), ("cup", 0.3, (40, 40, 60, 60)),
+            ("sky", 0.95, (-10, -10, 500, 30))]
+    text, objs = describe_objects(dets, 100, 100, max_objects=3)
+    assert [o["label"] for o in objs] == ["sky", "dog", "cat"]  # by score, cut at max_objects
+    sky, dog, cat = objs
+    assert sky["box"] == [0.0, 0.0, 1.0, 0.3] and sky["area"] == pytest.approx(0.3) and sky["where"] == "top center"
+    assert dog["box"] == [0.5, 0.5, 1.0, 1.0] and dog["area"] == pytest.approx(0.25) and dog["where"] == "bottom right"
+    assert cat["where"] == "top left"
+    lines = text.splitlines()
+    assert len(lines) == 3 and lines[1].startswith("- dog (confidence 0.90)") and "25% of the image" in lines[1]
+    assert describe_objects([], 10, 10) == ("", [])
+
+
+def test_textualize_mode_lists_detections_in_facts_and_prompt(saved_model):
+    c = cfg(saved_model, textualize={"enabled": True, "model": "fasterrcnn_mobilenet_v3_large_320_fpn",
+                                     "weights": None, "score_threshold": 0.0, "max_objects": 3})
+    op = Recaptioner(c)
+    rows = op(batch([jpeg(30, (96, 128)), jpeg(31)], [["a red bus"], ["两只猫"]])).to_pylist()
+    assert op.template == DEFAULT_TEXTUALIZE_PROMPT
+    for r in rows:
+        objs = json.loads(r["recaption_facts"])
+        assert 1 <= len(objs) <= 3  # random weights at threshold 0 still list boxes
+        assert all(0 <= v <= 1 for o in objs for v in o["box"]) and all(o["label"] for o in objs)
+        assert r["recaption"]
+    # The prompt the model saw carries both the alt-text and the facts.
+    det = TorchvisionDetector(c.textualize, None, "cpu", None)
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(jpeg(30, (96, 128)))).convert("RGB")
+    facts, objs = describe_objects(det.detect([img])[0], img.width, img.height, 3)
+    assert objs == json.loads(rows[0]["recaption_facts"])
+    prompt = render_prompt(op.template, "a red bus", facts)
+    assert '"a red bus"' in prompt and facts in prompt and facts.count("\n- ") == len(objs) - 1
+
+
+# --- cache ----------------------------------------------------------------------------------------
+def test_cache_prevents_regeneration_and_keys_on_prompt(saved_model, tmp_path):
+    t = batch([jpeg(40), jpeg(41), jpeg(42)], [["a"], ["b"], ["c"]], status=["kept", "kept", "dropped"])
+    c = cfg(saved_model, cache=True, cache_path=str(tmp_path / "cache"))
+    first = Recaptioner(c)
+    a = first(t)
+    assert first.generated == 2
+    again = Recaptioner(c)  # a new actor (a resume, a refresh): nothing regenerated
+    b = again(t)
+    assert again.generated == 0
+    assert b.column("recaption").to_pylist() == a.column("recaption").to_pylist()
+    assert b.column("recaption_cached").to_pylist() == [True, True, None]
+    assert b.column("captions").to_pylist() == a.column("captions").to_pylist()
+    # The same image under another sample id (another URL) hits too: the key is the image's sha256.
+    moved = t.set_column(0, "sample_id", pa.array(["z0", "z1", "z2"]))
+    third = Recaptioner(c)
+    third(moved)
+    assert third.generated == 0
+    # Another prompt is another cache namespace.
+    other = Recaptioner(cfg(saved_model, cache=True, cache_path=str(tmp_path / "cache"), prompt="a photo of"))
+    other(t)
+    assert other.generated == 2
+    # A template quoting the alt-text keys on the alt-text too.
+    quoting = cfg(saved_model, cache=True, cache_path=str(tmp_path / "cache"), prompt="{alt_text}")
+    Recaptioner(quoting)(t)
+    changed = batch([jpeg(40), jpeg(41), jpeg(42)], [["a"], ["new alt"], ["c"]], status=["kept", "kept", "dropped"])
+    op = Recaptioner(quoting)
+    op(changed)
+    assert op.generated == 1
+
+
+def test_cache_and_model_on_loopback_s3(saved_model, s3_server, s3fs_client):
+    from operators.storage import StorageConfig
+
+    s3fs_client.mkdir("imgcurate-recap")
+    s3fs_client.put(saved_model.rstrip("/") + "/", "imgcurate-recap/models/tinyblip/", recursive=True)
+    storage = StorageConfig(endpoint_url=s3_server)
+    t = batch([jpeg(50), jpeg(51)], [["a"], ["b"]])
+    c = cfg("s3://imgcurate-recap/models/tinyblip", cache=True, cache_path="s3://imgcurate-recap/cache",
+            cache_dir=str(saved_model) + "-s3copy")
+    op = Recaptioner(c, storage)
+    out = op(t)
+    assert op.generated == 2
+    assert out.column("recaption").to_pylist() == Recaptioner(cfg(saved_model))(t).column("recaption").to_pylist()
+    assert len(s3fs_client.find("imgcurate-recap/cache")) == 2
+    again = Recaptioner(c, storage)
+    again(t)
+    assert again.generated == 0
+
+
+# --- vLLM backend: config and messages (vLLM itself needs a GPU) ------------------------------------
+def test_vllm_processor_config_has_multimodal_stage():
+    c = RecaptionConfig(enabled=True, backend="vllm", model="Qwen/Qwen2.5-VL-7B-Instruct",
+                        vllm={"engine_kwargs": {"max_model_len": 16384, "tensor_parallel_size": 2},
+                              "concurrency": 3, "batch_size": 16, "accelerator_type": "H100"})
+    p = vllm_processor_config(c)
+    assert type(p).__name__ == "vLLMEngineProcessorConfig"
+    assert p.model_source == "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert p.prepare_multimodal_stage == {"enabled": True}
+    assert p.engine_kwargs["limit_mm_per_prompt"] == {"image": 1}
+    assert p.engine_kwargs["max_model_len"] == 16384 and p.engine_kwargs["tensor_parallel_size"] == 2
+    assert (p.batch_size, p.concurrency, p.accelerator_type) == (16, 3, "H100")
+    assert p.should_continue_on_error is True
+    with pytest.raises(ValueError, match="vllm"):
+        RecaptionConfig(enabled=True, backend="vllm", model=None, model_config_path=TINY_DIR)
+    with pytest.raises(ValueError, match="transformers backend"):
+        Recaptioner(c)
+
+
+def test_vllm_messages_carry_image_and_prompt_and_skip_rows_without_work():
+    c = RecaptionConfig(enabled=True, backend="vllm", model="some/vlm", system_prompt="You caption images.",
+                        prompt="Alt-text: {alt_text}. Describe the image.", max_new_tokens=77)
+    img = jpeg(60)
+    row = {"sample_id": "s", "status": "kept", "image": img, "captions": ["  a  red\nbus "],
+           "caption_sources": ["caption"], "recaption_cached": None}
+    req = vllm_preprocess(row, c)
+    sys_msg, user = req["messages"]
+    assert sys_msg == {"role": "system", "content": [{"type": "text", "text": "You caption images."}]}
+    assert user["role"] == "user"
+    image_part, text_part = user["content"]
+    url = image_part["image_url"]["url"]
+    assert image_part["type"] == "image_url" and url.startswith("data:image/jpeg;base64,")
+    assert base64.b64decode(url.split(",", 1)[1]) == img
+    assert text_part == {"type": "text", "text": "Alt-text: a red bus. Describe the image."}
+    assert req["sampling_params"]["max_tokens"] == 77 and req["sampling_params"]["temperature"] == 0.0
+    # Dropped and cached rows send a one-token text-only request and keep their columns.
+    for other in ({**row, "status": "dropped"}, {**row, "recaption_cached": True, "recaption": "cached one"}):
+        skip = vllm_preprocess(other, c)
+        assert skip["recaption_skip"] is True and skip["sampling_params"]["max_tokens"] == 1
+        assert all(p["type"] == "text" for m in skip["messages"] for p in m["content"])
+        back = vllm_postprocess({**skip, "generated_text": "x"}, c)
+        assert "messages" not in back and back.get("recaption") == other.get("recaption")
+        assert back["captions"] == row["captions"]
+    done = vllm_postprocess({**req, "generated_text": "  A red bus\n on a street. ", "num_generated_tokens": 7}, c)
+    assert done["recaption"] == "A red bus on a street." and done["recaption_tokens"] == 7
+    assert done["captions"] == ["  a  red\nbus ", "A red bus on a street."]
+    assert done["caption_sources"] == ["caption", "recaption:vlm"]
+    assert not {"messages", "sampling_params", "generated_text"} & set(done)
+
+
+def test_vllm_cache_steps_around_the_processor(tmp_path):
+    """Lookup fills cached rows (the processor then skips them); store writes what it generated."""
+    c = RecaptionConfig(enabled=True, backend="vllm", model="some/vlm", cache_path=str(tmp_path / "c"))
+    t = batch([jpeg(70), jpeg(71)], [["a"], ["b"]])
+    looked = RecaptionCacheLookup(c)(t)
+    assert looked.column("recaption_cached").to_pylist() == [None, None]
+    rows = [vllm_postprocess({**vllm_preprocess(r, c), "generated_text": f"caption {i}", "num_generated_tokens": 2}, c)
+            for i, r in enumerate(looked.to_pylist())]
+    generated = pa.Table.from_pylist(rows, schema=looked.schema)
+    RecaptionCacheStore(c)(generated)
+    again = RecaptionCacheLookup(c)(t)
+    assert again.column("recaption").to_pylist() == ["caption 0", "caption 1"]
+    assert again.column("recaption_cached").to_pylist() == [True, True]
+    assert again.column("captions").to_pylist() == [["a", "caption 0"], ["b", "caption 1"]]
+    assert all(vllm_preprocess(r, c)["recaption_skip"] for r in again.to_pylist())
+
+
+# --- config ---------------------------------------------------------------------------------------
+def test_config_errors_name_the_key(tmp_path):
+    base = {"input": {"paths": ["x.csv"]}, "output": {"path": str(tmp_path)}}
+    with pytest.raises(ConfigError, match="recaption"):
+        load_config(data={**base, "recaption": {"enabled": True, "model": None}})
+    with pytest.raises(ConfigError, match="recaption.prompt_stile"):
+        load_config(data={**base, "recaption": {"prompt_stile": "chat"}})
+    with pytest.raises(ConfigError, match="recaption.model_config_path"):
+        load_config(data={**base, "recaption": {"enabled": True, "model": None, "model_config_path": "nope/dir"}})
+    ok = load_config(data={**base, "recaption": {"enabled": True, "model": None,
+                                                 "model_config_path": "configs/models/imgcurate-tiny-captioner"}})
+    assert ok.recaption.model_config_path == TINY_DIR
+
+
+def test_chat_style_needs_a_chat_template(saved_model):
+    with pytest.raises(ValueError, match="chat template"):
+        Recaptioner(cfg(saved_model, prompt_style="chat"))(batch([jpeg(80)], [["a"]]))
+
+
+# --- in the job ---------------------------------------------------------------------------------------
+def test_job_recaptions_kept_samples_and_a_refresh_reuses_the_cache(ray_session, image_server, tmp_path):
+    import pyarrow.parquet as pq
+
+    from jobs import curate
+    from jobs.sample_data import sample_cases, write_url_list
+    from tests.pipeline_helpers import job_config
+
+    cases = sample_cases(12)
+    urls = write_url_list(cases, image_server.base_url, str(tmp_path / "urls.csv"))
+    cache = str(tmp_path / "shared-cache")
+    sections = {"recaption": {"cache_path": cache}, "plan": {"num_buckets": 2, "shard_rows": 16},
+                "safety": {"enabled": False}}
+    m1 = curate.run(job_config(urls, str(tmp_path / "run1"), **sections))
+    data = pq.read_table(str(tmp_path / "run1" / "data")).to_pylist()
+    kept = [r for r in data if r["status"] == "kept"]
+    assert kept and m1["recaption"]["recaptioned"] == len(kept) and m1["recaption"]["cached"] == 0
+    for r in data:
+        if r["status"] == "kept":
+            assert r["recaption"] and r["caption_sources"][-1] == "recaption:imgcurate-tiny-captioner"
+            assert r["captions"][-1] == r["recaption"] and json.loads(r["recaption_facts"]) is not None
+        else:
+            assert r["recaption"] is None and not any((s or "").startswith("recaption:") for s in r["caption_sources"])
+    won = sum(1 for r in kept if (r["best_caption_source"] or "").startswith("recaption:"))
+    assert m1["recaption"]["won"] == won and m1["recaption"]["ranked"] == len(kept)
+    assert m1["models"]["recaption"]["random_weights"] is True
+    assert "captions are gibberish" in curate.summary_table(m1)
+    # A refresh into a new output with the same cache: every recaption comes from the cache.
+    m2 = curate.run(job_config(urls, str(tmp_path / "run2"), **sections))
+    assert m2["recaption"]["recaptioned"] == len(kept) and m2["recaption"]["cached"] == len(kept)
+    data2 = {r["sample_id"]: r["recaption"] for r in pq.read_table(str(tmp_path / "run2" / "data")).to_pylist()}
+    assert all(data2[r["sample_id"]] == r["recaption"] for r in kept)
