@@ -848,23 +848,30 @@ TINY_WORDS = ("a an the of on in with and at by near under over beside photo pic
               "floor snow rain night day light shadow hat shirt dress shoe bag ball toy phone computer sign").split()
 
 
-def write_tiny_captioner(path: str, weights: bool = False, image_size: int = 64, hidden: int = 32) -> str:
-    """A BLIP-shaped captioner with a small word vocabulary: config + processor files (and seeded
-    random weights when ``weights``). Random weights write gibberish captions."""
+def write_tiny_captioner(path: str, weights: bool = False, image_size: int = 64, hidden: int = 32, layers: int = 2,
+                         heads: int = 2, vocab_size: int | None = None) -> str:
+    """A BLIP-shaped captioner: config + processor files (and seeded random weights when
+    ``weights``). The default is tiny, with a small word vocabulary; ``image_size=384,
+    hidden=768, layers=12, heads=12, vocab_size=30524`` is BLIP-base's shape (benchmarks).
+    Random weights write gibberish captions."""
     import torch
     from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
-    vocab = {w: i for i, w in enumerate(specials + list(dict.fromkeys(TINY_WORDS)))}
+    words = specials + list(dict.fromkeys(TINY_WORDS))
+    if vocab_size:  # filler word pieces up to the size, so every id the model may emit decodes
+        words += [f"w{i}" for i in range(max(vocab_size - len(words), 0))]
+    vocab = {w: i for i, w in enumerate(words)}
     tok = BertTokenizer(vocab=vocab, bos_token="[DEC]")
     cfg = BlipConfig(
-        text_config={"vocab_size": len(vocab), "hidden_size": hidden, "num_hidden_layers": 2, "num_attention_heads": 2,
-                     "intermediate_size": 2 * hidden, "max_position_embeddings": 512,
-                     "bos_token_id": vocab["[DEC]"], "pad_token_id": vocab["[PAD]"], "sep_token_id": vocab["[SEP]"],
-                     "eos_token_id": vocab["[SEP]"]},
-        vision_config={"hidden_size": hidden, "num_hidden_layers": 2, "num_attention_heads": 2,
-                       "intermediate_size": 2 * hidden, "image_size": image_size, "patch_size": 16},
-        projection_dim=hidden)
+        text_config={"vocab_size": len(vocab), "hidden_size": hidden, "num_hidden_layers": layers,
+                     "num_attention_heads": heads, "intermediate_size": 4 * hidden if layers > 2 else 2 * hidden,
+                     "max_position_embeddings": 512, "bos_token_id": vocab["[DEC]"], "pad_token_id": vocab["[PAD]"],
+                     "sep_token_id": vocab["[SEP]"], "eos_token_id": vocab["[SEP]"]},
+        vision_config={"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+                       "intermediate_size": 4 * hidden if layers > 2 else 2 * hidden, "image_size": image_size,
+                       "patch_size": 16},
+        projection_dim=min(hidden, 256))
     os.makedirs(path, exist_ok=True)
     processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": image_size, "width": image_size}),
                               tokenizer=tok)

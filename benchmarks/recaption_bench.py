@@ -1,0 +1,126 @@
+"""Recaption benchmark: images/s and tokens/s of the batched Recaptioner against one-image-at-a-time generation.
+
+Both runs call the same operator class (``operators.recaption.Recaptioner``, no Ray) on the same
+JPEG bytes, from bytes to captions in the output columns; only ``micro_batch`` differs (B images
+per ``generate`` call against 1). Every caption is forced to exactly ``--tokens`` new tokens
+(``min_new_tokens == max_new_tokens``), so both runs generate the same number of tokens and
+random weights cannot end captions early.
+
+GPU (run on the device machine; no Ray needed there), a BLIP-base-shaped model (ViT-B/16 at
+384 px + a 12-layer BERT-base decoder, 30,524-token vocabulary) with random weights, fp16:
+    python benchmarks/recaption_bench.py gpu --n 2048 --batch 128 --single 64 --tokens 32
+CPU (here), the dry run's tiny random captioner:
+    python benchmarks/recaption_bench.py cpu --n 128 --batch 32 --single 32 --tokens 16
+Every figure is measured in the same run; nothing is hard-coded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.clip_bench import synthetic_jpegs  # noqa: E402
+from operators.recaption import RecaptionConfig, Recaptioner, write_tiny_captioner  # noqa: E402
+
+TINY_DIR = str(ROOT / "configs" / "models" / "imgcurate-tiny-captioner")
+
+
+def make_table(jpegs: list[bytes]) -> pa.Table:
+    n = len(jpegs)
+    return pa.table({
+        "sample_id": [f"s{i}" for i in range(n)],
+        "status": ["kept"] * n,
+        "drop_stage": pa.array([None] * n, pa.string()),
+        "drop_reason": pa.array([None] * n, pa.string()),
+        "error_message": pa.array([None] * n, pa.string()),
+        "image": pa.array(jpegs, pa.binary()),
+        "captions": pa.array([[f"alt text {i}"] for i in range(n)], pa.list_(pa.string())),
+        "caption_sources": pa.array([["caption"]] * n, pa.list_(pa.string())),
+    })
+
+
+def timed(cfg: RecaptionConfig, table: pa.Table, batch_rows: int, sync=None) -> tuple[float, int]:
+    """Seconds for the operator over ``table`` (after a warm-up batch) and the tokens it generated."""
+    op = Recaptioner(cfg)
+    op(table.slice(0, min(cfg.micro_batch, table.num_rows)))  # warm-up: load, kernels, allocator
+    if sync:
+        sync()
+    tokens = 0
+    start = time.perf_counter()
+    for s in range(0, table.num_rows, batch_rows):
+        out = op(table.slice(s, batch_rows))
+        tokens += sum(t or 0 for t in out.column("recaption_tokens").to_pylist())
+    if sync:
+        sync()
+    return time.perf_counter() - start, tokens
+
+
+def run(title: str, base: dict, args, sync=None) -> None:
+    table = make_table(synthetic_jpegs(args.n, args.image_px))
+    single_table = table.slice(0, args.single)
+    common = {"enabled": True, "cache": False, "max_new_tokens": args.tokens, "min_new_tokens": args.tokens,
+              "prompt": args.prompt, **base}
+    t_b, tok_b = timed(RecaptionConfig(**common, micro_batch=args.batch, batch_size=args.batch), table,
+                       args.batch, sync)
+    t_1, tok_1 = timed(RecaptionConfig(**common, micro_batch=1, batch_size=args.batch), single_table,
+                       args.batch, sync)
+    ips_b, ips_1 = args.n / t_b, args.single / t_1
+    print(title)
+    print(f"batched (micro_batch {args.batch}), {args.n} images:   {ips_b:,.1f} images/s, {tok_b / t_b:,.0f} tokens/s "
+          f"({tok_b} tokens in {t_b:.2f}s)")
+    print(f"one image at a time, {args.single} images:    {ips_1:,.1f} images/s, {tok_1 / t_1:,.0f} tokens/s "
+          f"({tok_1} tokens in {t_1:.2f}s)")
+    print(f"ratio batched / one-at-a-time: {ips_b / ips_1:.1f}x images/s")
+
+
+def gpu(args) -> None:
+    import torch
+
+    assert torch.cuda.is_available(), "gpu mode needs CUDA"
+    path = os.path.join(tempfile.mkdtemp(prefix="blip-base-random-"), "model")
+    # BLIP-base's shape, random weights saved and loaded back by path (as a real checkpoint is).
+    write_tiny_captioner(path, weights=True, image_size=384, hidden=768, layers=12, heads=12, vocab_size=30524)
+    run(f"recaption benchmark (GPU: {torch.cuda.get_device_name(0)}), BLIP-base-shaped random model fp16, "
+        f"{args.tokens} new tokens per caption, prompt {args.prompt!r}, JPEGs of {args.image_px}px",
+        {"model": path, "device": "cuda", "precision": "fp16"}, args, torch.cuda.synchronize)
+
+
+def cpu(args) -> None:
+    import torch
+
+    run(f"recaption benchmark (CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads), tiny random "
+        f"captioner, {args.tokens} new tokens per caption, prompt {args.prompt!r}, JPEGs of {args.image_px}px",
+        {"model": None, "model_config_path": TINY_DIR, "device": "cpu"}, args)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("mode", choices=["gpu", "cpu"])
+    p.add_argument("--n", type=int, default=None, help="images for the batched run")
+    p.add_argument("--batch", type=int, default=None, help="micro-batch of the batched run")
+    p.add_argument("--single", type=int, default=None, help="images for the one-at-a-time run")
+    p.add_argument("--tokens", type=int, default=None, help="new tokens per caption (forced)")
+    p.add_argument("--prompt", default="a picture of")
+    p.add_argument("--image-px", type=int, default=256)
+    args = p.parse_args()
+    if args.mode == "gpu":
+        args.n, args.batch, args.single, args.tokens = (args.n or 2048, args.batch or 128, args.single or 64,
+                                                        args.tokens or 32)
+        gpu(args)
+    else:
+        args.n, args.batch, args.single, args.tokens = (args.n or 128, args.batch or 32, args.single or 32,
+                                                        args.tokens or 16)
+        cpu(args)
+
+
+if __name__ == "__main__":
+    main()
