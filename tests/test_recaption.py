@@ -314,6 +314,61 @@ def test_config_errors_name_the_key(tmp_path):
     assert ok.recaption.model_config_path == TINY_DIR
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {% if m['content'] is string %}{{ m['content'] }}{% else %}"
+                 "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }}{% endif %}"
+                 "{% endfor %}{% endif %} {% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_vlm(tmp_path_factory) -> str:
+    """A tiny LLaVA (CLIP vision tower + Llama decoder) with a word-level tokenizer and a chat
+    template, random weights, saved like a hub checkpoint: the chat path of instruction VLMs."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+
+    from operators.recaption import TINY_WORDS
+
+    words = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "user:", "assistant:", "system:"] + list(dict.fromkeys(TINY_WORDS))
+    vocab = {w: i for i, w in enumerate(words)}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.decoder = decoders.WordPiece()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                  eos_token="</s>", additional_special_tokens=["<image>"])
+    tok.chat_template = CHAT_TEMPLATE
+    proc = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                             crop_size={"height": 32, "width": 32}),
+                          tokenizer=tok, patch_size=16, vision_feature_select_strategy="default",
+                          chat_template=CHAT_TEMPLATE, num_additional_image_tokens=1)
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                       image_size=32, patch_size=16, projection_dim=32),
+        text_config=LlamaConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512,
+                                pad_token_id=0, bos_token_id=2, eos_token_id=3),
+        image_token_index=vocab["<image>"], vision_feature_layer=-1, vision_feature_select_strategy="default")
+    path = str(tmp_path_factory.mktemp("tinyllava"))
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(cfg).eval().save_pretrained(path)
+    proc.save_pretrained(path)
+    return path
+
+
+def test_chat_vlm_uses_its_template_and_batches_left_padded(chat_vlm):
+    caps = [["a dog"], ["a red bus on the street near a tree and a man"], [""], ["东京"]]
+    t = batch([jpeg(90 + i) for i in range(len(caps))], caps)
+    c = cfg(chat_vlm, prompt="alt text: {alt_text} . describe the image", system_prompt="you caption images")
+    op = Recaptioner(c.model_copy(update={"micro_batch": 4}))
+    out = op(t).column("recaption").to_pylist()
+    assert op._captioner.style == "chat" and op._captioner.tokenizer.padding_side == "left"
+    assert op._captioner.text_inputs(["hello"]) == ["system: you caption images user: <image> hello assistant: "]
+    single = Recaptioner(c.model_copy(update={"micro_batch": 1}))(t).column("recaption").to_pylist()
+    assert out == single and all(isinstance(x, str) for x in out)
+    # The echoed prompt is cut off: only new tokens come back.
+    assert not any("assistant" in x or "alt text" in x for x in out if x)
+
+
 def test_chat_style_needs_a_chat_template(saved_model):
     with pytest.raises(ValueError, match="chat template"):
         Recaptioner(cfg(saved_model, prompt_style="chat"))(batch([jpeg(80)], [["a"]]))
