@@ -183,6 +183,28 @@ def test_textualize_mode_lists_detections_in_facts_and_prompt(saved_model):
     assert '"a red bus"' in prompt and facts in prompt and facts.count("\n- ") == len(objs) - 1
 
 
+def test_textualize_with_a_transformers_detector_saved_by_path(saved_model, tmp_path):
+    from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessor, ResNetConfig
+
+    labels = {0: "cat", 1: "dog", 2: "bus"}
+    dcfg = DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False,
+                      backbone_config=ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1],
+                                                   out_features=["stage4"]),
+                      num_queries=8, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                      decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, id2label=labels,
+                      label2id={v: k for k, v in labels.items()})
+    torch.manual_seed(0)
+    DetrForObjectDetection(dcfg).eval().save_pretrained(tmp_path / "detr")
+    DetrImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}).save_pretrained(tmp_path / "detr")
+    c = cfg(saved_model, textualize={"enabled": True, "backend": "transformers", "model": str(tmp_path / "detr"),
+                                     "score_threshold": 0.0, "max_objects": 5})
+    rows = Recaptioner(c)(batch([jpeg(35, (50, 70)), jpeg(36)], [["a"], ["b"]])).to_pylist()
+    for r in rows:
+        objs = json.loads(r["recaption_facts"])
+        assert len(objs) == 5 and {o["label"] for o in objs} <= set(labels.values())
+        assert all(0 <= v <= 1 for o in objs for v in o["box"]) and r["recaption"]
+
+
 # --- cache ----------------------------------------------------------------------------------------
 def test_cache_prevents_regeneration_and_keys_on_prompt(saved_model, tmp_path):
     t = batch([jpeg(40), jpeg(41), jpeg(42)], [["a"], ["b"], ["c"]], status=["kept", "kept", "dropped"])
