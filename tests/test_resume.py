@@ -41,8 +41,7 @@ def write_job(tmp_path: Path, server) -> Path:
     # The download tier is what a kill interrupts here; model stages are covered elsewhere.
     cfg["clip"]["enabled"] = False
     cfg["safety"]["enabled"] = False
-    cfg["reward"]["enabled"] = False
-    cfg.pop("selection", None)
+    cfg["recaption"]["enabled"] = False
     cfg["reward"]["enabled"] = False
     cfg.pop("selection", None)  # the dry run's reward top fraction needs the reward stage
     path = tmp_path / "job.yaml"
