@@ -459,20 +459,37 @@ class TransformersCaptioner:
             kw.update(temperature=c.temperature, top_p=c.top_p)
         return kw
 
-    def generate(self, images: list, prompts: list[str]) -> list[tuple[str, int]]:
-        """Captions for equally long lists of images and (rendered) prompts, in order."""
-        import torch
-
+    def generate(self, images: list, prompts: list[str]) -> list[tuple[str | None, int, str | None]]:
+        """``(caption, new tokens, error)`` for equally long lists of images and (rendered) prompts,
+        in order. A micro-batch that fails (CUDA out of memory, a prompt the model cannot take) is
+        split in halves and retried, so one bad input costs only its own caption."""
         texts = self.text_inputs(prompts)
-        order = sorted(range(len(texts)), key=lambda i: self.prompt_lengths([texts[i]])[0]) if len(set(texts)) > 1 \
-            else list(range(len(texts)))
-        out: list[tuple[str, int] | None] = [None] * len(texts)
+        if len(set(texts)) > 1:
+            lengths = self.prompt_lengths(texts)
+            order = sorted(range(len(texts)), key=lambda i: lengths[i])
+        else:
+            order = list(range(len(texts)))
+        out: list = [None] * len(texts)
         mb = self.cfg.micro_batch
         for s in range(0, len(order), mb):
             ids = order[s:s + mb]
-            for i, r in zip(ids, self._generate([images[i] for i in ids], [texts[i] for i in ids])):
+            for i, r in zip(ids, self._generate_split([images[i] for i in ids], [texts[i] for i in ids])):
                 out[i] = r
-        return out  # type: ignore[return-value]
+        return out
+
+    def _generate_split(self, images: list, texts: list[str]) -> list[tuple[str | None, int, str | None]]:
+        import torch
+
+        try:
+            return [(text, n, None) for text, n in self._generate(images, texts)]
+        except Exception as exc:  # noqa: BLE001 - recorded per row after the split
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            if len(images) == 1:
+                log.warning("recaption: generation failed for one image: %s", exc)
+                return [(None, 0, f"{type(exc).__name__}: {str(exc)[:300]}")]
+            h = len(images) // 2
+            return self._generate_split(images[:h], texts[:h]) + self._generate_split(images[h:], texts[h:])
 
     def _generate(self, images: list, texts: list[str]) -> list[tuple[str, int]]:
         import torch
@@ -571,7 +588,7 @@ class RecaptionCache:
 
 # --- operator ---------------------------------------------------------------------------------------------
 OUTPUT_TYPES = {"recaption": pa.string(), "recaption_model": pa.string(), "recaption_cached": pa.bool_(),
-                "recaption_tokens": pa.int32(), "recaption_facts": pa.string()}
+                "recaption_tokens": pa.int32(), "recaption_facts": pa.string(), "recaption_error": pa.string()}
 
 
 class _RecaptionStage(Operator):
@@ -666,9 +683,10 @@ class _RecaptionStage(Operator):
 
 class Recaptioner(_RecaptionStage):
     """Writes ``recaption``, ``recaption_model``, ``recaption_cached``, ``recaption_tokens``,
-    ``recaption_facts`` (Image Textualization's detections, JSON) and appends the recaption to
-    ``captions`` / ``caption_sources``. Rows that are not kept get nulls and no compute; cached
-    rows get the cached caption and no compute."""
+    ``recaption_facts`` (Image Textualization's detections, JSON), ``recaption_error`` and appends
+    the recaption to ``captions`` / ``caption_sources``. Rows that are not kept get nulls and no
+    compute; cached rows get the cached caption and no compute. A generation that fails leaves
+    the sample kept with its alt-texts, a null recaption and the error in ``recaption_error``."""
 
     name: ClassVar[str] = "recaption"
 
@@ -716,19 +734,28 @@ class Recaptioner(_RecaptionStage):
         if ok_rows:
             self._setup()
             facts_text = [""] * len(ok_rows)
+            det_error = None
             if self._detector is not None:
-                for k, (im, d) in enumerate(zip(images, self._detector.detect(images))):
+                try:
+                    dets = self._detector.detect(images)
+                except Exception as exc:  # noqa: BLE001 - the caption is still written, without facts
+                    log.warning("recaption: the detector failed on a batch: %s", exc)
+                    det_error = f"detector: {type(exc).__name__}: {str(exc)[:300]}"
+                    dets = [[] for _ in images]
+                for k, (im, d) in enumerate(zip(images, dets)):
                     facts_text[k], objs = describe_objects(d, im.width, im.height, c.textualize.max_objects)
-                    cols["recaption_facts"][ok_rows[k]] = json.dumps(objs)
+                    cols["recaption_facts"][ok_rows[k]] = None if det_error else json.dumps(objs)
             prompts = [render_prompt(self.template, r["alts"][i], facts_text[k]) for k, i in enumerate(ok_rows)]
             results = self._captioner.generate(images, prompts)
             self.generated += len(results)
-            for i, (text, n_tok) in zip(ok_rows, results):
+            for i, (text, n_tok, error) in zip(ok_rows, results):
                 cols["recaption"][i] = text or None
                 cols["recaption_tokens"][i] = n_tok
                 cols["recaption_cached"][i] = False
                 cols["recaption_model"][i] = self.model_name
-            self._store(r, ok_rows)
+                cols["recaption_error"][i] = error or det_error
+            # A failed generation (or detection) is not cached: a rerun tries again.
+            self._store(r, [i for i in ok_rows if cols["recaption_error"][i] is None])
         return self._finish(batch, r, outcomes)
 
 
@@ -752,7 +779,7 @@ class RecaptionCacheStore(_RecaptionStage):
     def process(self, batch: pa.Table) -> pa.Table:
         r = self._rows(batch)
         cols = r["cols"]
-        self._store(r, [i for i in r["idx"] if cols["recaption_cached"][i] is False])
+        self._store(r, [i for i in r["idx"] if cols["recaption_cached"][i] is False and not cols["recaption_error"][i]])
         return batch
 
 
@@ -816,10 +843,12 @@ def vllm_postprocess(row: dict, cfg: RecaptionConfig) -> dict:
                                                      "embeddings")}
     if row.get("recaption_skip"):
         return out
-    text = clean_caption(row.get("generated_text") or "", cfg.max_caption_chars)
+    error = row.get("__inference_error__")  # should_continue_on_error: the engine's error for this row
+    text = "" if error else clean_caption(row.get("generated_text") or "", cfg.max_caption_chars)
     name = cfg.name()
     out.update(recaption=text or None, recaption_model=name, recaption_cached=False, recaption_facts=None,
-               recaption_tokens=int(row.get("num_generated_tokens") or 0))
+               recaption_tokens=int(row.get("num_generated_tokens") or 0),
+               recaption_error=str(error)[:300] if error else None)
     if text:
         source = SOURCE_PREFIX + name
         caps, srcs = list(row.get("captions") or []), list(row.get("caption_sources") or [])

@@ -146,6 +146,32 @@ def test_prompts_with_odd_alt_texts_generate_and_respect_token_limit(saved_model
     assert enc["input_ids"].shape[1] <= c.max_prompt_tokens
 
 
+def test_a_prompt_the_model_cannot_take_fails_only_its_own_caption(saved_model, tmp_path):
+    """The tiny captioner has 512 positions: a prompt allowed 2,000 tokens breaks generation for
+    its micro-batch, which is split until only that sample is left without a caption."""
+    words = "a dog on the grass near a red car " * 150
+    caps = [["a cat"], [words], ["a bus"], ["two dogs"]]
+    t = batch([jpeg(25 + i) for i in range(4)], caps)
+    c = cfg(saved_model, prompt="{alt_text}", max_alt_text_chars=10_000, max_prompt_tokens=2000, micro_batch=4,
+            cache=True, cache_path=str(tmp_path / "cache"))
+    op = Recaptioner(c)
+    rows = op(t).to_pylist()
+    assert [r["status"] for r in rows] == ["kept"] * 4  # a failed caption drops nothing
+    bad = rows[1]
+    assert bad["recaption"] is None and bad["recaption_error"] and bad["captions"] == [words]
+    for r in (rows[0], rows[2], rows[3]):
+        assert r["recaption"] and r["recaption_error"] is None
+    assert single_captions(saved_model, t, c) == [r["recaption"] for r in rows]
+    # Failures are not cached: a rerun tries the failed one again and only that one.
+    again = Recaptioner(c)
+    again(t)
+    assert again.generated == 1
+
+
+def single_captions(model, t, c):
+    return Recaptioner(c.model_copy(update={"micro_batch": 1, "cache": False}))(t).column("recaption").to_pylist()
+
+
 # --- Image Textualization ------------------------------------------------------------------------
 def test_describe_objects_relative_boxes_sizes_and_order():
     dets = [("cat", 0.6, (0, 0, 50, 50)), ("dog", 0.9, (50, 50, 100, 100)), ("cup", 0.3, (40, 40, 60, 60)),
@@ -302,7 +328,10 @@ def test_vllm_messages_carry_image_and_prompt_and_skip_rows_without_work():
     assert done["recaption"] == "A red bus on a street." and done["recaption_tokens"] == 7
     assert done["captions"] == ["  a  red\nbus ", "A red bus on a street."]
     assert done["caption_sources"] == ["caption", "recaption:vlm"]
-    assert not {"messages", "sampling_params", "generated_text"} & set(done)
+    assert not {"messages", "sampling_params", "generated_text"} & set(done) and done["recaption_error"] is None
+    failed = vllm_postprocess({**req, "generated_text": "", "__inference_error__": "ValueError: bad image"}, c)
+    assert failed["recaption"] is None and failed["recaption_error"] == "ValueError: bad image"
+    assert failed["captions"] == row["captions"] and "__inference_error__" not in failed
 
 
 def test_vllm_cache_steps_around_the_processor(tmp_path):
