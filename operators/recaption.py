@@ -36,6 +36,7 @@ is gibberish, and the run manifest and summary say so.
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import io
 import json
@@ -43,6 +44,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import unicodedata
 from typing import Any, ClassVar, Literal
 
@@ -439,6 +441,11 @@ class TransformersCaptioner:
         if tok is not None and not self.encoder_decoder:
             tok.padding_side = "left"  # decoder-only generation continues from the right end
         self.pad_id = getattr(tok, "pad_token_id", None)
+        # Micro-batches are prepared on another thread: it gets its own processor (a fast
+        # tokenizer changes its truncation state per call, which two threads must not share),
+        # and a lock for when a retry prepares on this thread.
+        self._prep_processor = copy.deepcopy(self.processor)
+        self._prep_lock = threading.Lock()
 
     def text_inputs(self, prompts: list[str]) -> list[str]:
         if self.style != "chat":
@@ -461,45 +468,92 @@ class TransformersCaptioner:
 
     def generate(self, images: list, prompts: list[str]) -> list[tuple[str | None, int, str | None]]:
         """``(caption, new tokens, error)`` for equally long lists of images and (rendered) prompts,
-        in order. A micro-batch that fails (CUDA out of memory, a prompt the model cannot take) is
-        split in halves and retried, so one bad input costs only its own caption."""
+        in order. Micro-batches are prepared (image processor, tokenizer, copy to the device) in a
+        background thread while the previous one generates. A micro-batch that fails (CUDA out of
+        memory, a prompt the model cannot take) is split in halves and retried, so one bad input
+        costs only its own caption."""
+        from concurrent.futures import ThreadPoolExecutor
+
         texts = self.text_inputs(prompts)
         if len(set(texts)) > 1:
             lengths = self.prompt_lengths(texts)
             order = sorted(range(len(texts)), key=lambda i: lengths[i])
         else:
             order = list(range(len(texts)))
-        out: list = [None] * len(texts)
         mb = self.cfg.micro_batch
-        for s in range(0, len(order), mb):
-            ids = order[s:s + mb]
-            for i, r in zip(ids, self._generate_split([images[i] for i in ids], [texts[i] for i in ids])):
-                out[i] = r
+        chunks = [order[s:s + mb] for s in range(0, len(order), mb)]
+        out: list = [None] * len(texts)
+
+        def prepare(ids):
+            try:
+                return self._prepare([images[i] for i in ids], [texts[i] for i in ids]), None
+            except Exception as exc:  # noqa: BLE001 - retried (and split) on the generating thread
+                return None, exc
+
+        with ThreadPoolExecutor(1, thread_name_prefix="recaption-prep") as pool:
+            pending = pool.submit(prepare, chunks[0]) if chunks else None
+            for k, ids in enumerate(chunks):
+                inputs, exc = pending.result()
+                pending = pool.submit(prepare, chunks[k + 1]) if k + 1 < len(chunks) else None
+                sub_images, sub_texts = [images[i] for i in ids], [texts[i] for i in ids]
+                res = None
+                if inputs is not None:
+                    try:
+                        res = [(text, n, None) for text, n in self._run(inputs, sub_texts)]
+                    except Exception as e:  # noqa: BLE001
+                        exc = e
+                if res is None:
+                    res = self._after_failure(exc, sub_images, sub_texts)
+                for i, r in zip(ids, res):
+                    out[i] = r
         return out
 
+    def _after_failure(self, exc, images: list, texts: list[str]) -> list[tuple[str | None, int, str | None]]:
+        import torch
+
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            torch.cuda.empty_cache()
+        if len(images) == 1:
+            log.warning("recaption: generation failed for one image: %s", exc)
+            return [(None, 0, f"{type(exc).__name__}: {str(exc)[:300]}")]
+        h = len(images) // 2
+        return self._generate_split(images[:h], texts[:h]) + self._generate_split(images[h:], texts[h:])
+
     def _generate_split(self, images: list, texts: list[str]) -> list[tuple[str | None, int, str | None]]:
-        import torch
-
         try:
-            return [(text, n, None) for text, n in self._generate(images, texts)]
+            return [(text, n, None) for text, n in self._run(self._prepare(images, texts), texts)]
         except Exception as exc:  # noqa: BLE001 - recorded per row after the split
-            if isinstance(exc, torch.cuda.OutOfMemoryError):
-                torch.cuda.empty_cache()
-            if len(images) == 1:
-                log.warning("recaption: generation failed for one image: %s", exc)
-                return [(None, 0, f"{type(exc).__name__}: {str(exc)[:300]}")]
-            h = len(images) // 2
-            return self._generate_split(images[:h], texts[:h]) + self._generate_split(images[h:], texts[h:])
+            return self._after_failure(exc, images, texts)
 
-    def _generate(self, images: list, texts: list[str]) -> list[tuple[str, int]]:
-        import torch
-
+    def _prepare(self, images: list, texts: list[str]) -> dict:
+        """Processor outputs on the device (pinned host memory first on CUDA, copies non-blocking)."""
         kw: dict = {"images": images, "return_tensors": "pt"}
         if any(texts):
             kw.update(text=texts, padding=True, truncation=True, max_length=self.cfg.max_prompt_tokens)
-        inputs = self.processor(**kw)
-        inputs = {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
-                  for k, v in inputs.items() if hasattr(v, "to")}
+        with self._prep_lock:
+            inputs = self._prep_processor(**kw)
+        tensors = {k: v for k, v in inputs.items() if hasattr(v, "to")}
+        if not self.device.startswith("cuda"):
+            return {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        import torch
+
+        # Copies on a stream of their own, so they overlap the previous micro-batch's generation;
+        # synchronized before the generating thread gets them (it frees them only after its own
+        # generate has finished, so the allocator never hands the memory out early).
+        if getattr(self, "_copy_stream", None) is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        out = {}
+        with torch.cuda.stream(self._copy_stream):
+            for k, v in tensors.items():
+                v = v.pin_memory()
+                out[k] = (v.to(self.device, self.dtype, non_blocking=True) if v.is_floating_point()
+                          else v.to(self.device, non_blocking=True))
+        self._copy_stream.synchronize()
+        return out
+
+    def _run(self, inputs: dict, texts: list[str]) -> list[tuple[str, int]]:
+        import torch
+
         with torch.inference_mode():
             seqs = self.model.generate(**inputs, **self.generation_kwargs())
         seqs = seqs.cpu()
