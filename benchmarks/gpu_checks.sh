@@ -24,5 +24,5 @@ fi
   echo "== recaption_bench gpu (issue 5)"
   timeout 150 python3 benchmarks/recaption_bench.py gpu --n 2048 --batch 128 --single 64 --tokens 32
   echo "== GPU tests"
-  timeout 60 python3 -m pytest -x -q -m gpu tests/test_clip.py -p no:cacheprovider
+  timeout 90 python3 -m pytest -q -m gpu tests/test_clip.py tests/test_recaption.py -p no:cacheprovider
 } 2>&1 | tee "$LOG"

@@ -457,3 +457,18 @@ def test_job_recaptions_kept_samples_and_a_refresh_reuses_the_cache(ray_session,
     assert m2["recaption"]["recaptioned"] == len(kept) and m2["recaption"]["cached"] == len(kept)
     data2 = {r["sample_id"]: r["recaption"] for r in pq.read_table(str(tmp_path / "run2" / "data")).to_pylist()}
     assert all(data2[r["sample_id"]] == r["recaption"] for r in kept)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_fp32_matches_cpu_and_fp16_runs(saved_model):
+    """On CUDA: overlapped preparation (pinned copies on their own stream) gives the CPU's greedy
+    captions in fp32; fp16 generates one caption per kept sample."""
+    t = batch([jpeg(100 + i) for i in range(6)], [["a"], ["b c"], ["d"], [""], ["e f g"], ["h"]],
+              status=["kept", "kept", "dropped", "kept", "kept", "kept"])
+    cpu = Recaptioner(cfg(saved_model, prompt="{alt_text}", micro_batch=2))(t).column("recaption").to_pylist()
+    gpu32 = Recaptioner(cfg(saved_model, prompt="{alt_text}", micro_batch=2, device="cuda", precision="fp32"))(t)
+    assert gpu32.column("recaption").to_pylist() == cpu
+    gpu16 = Recaptioner(cfg(saved_model, prompt="{alt_text}", micro_batch=2, device="cuda"))(t)
+    got = gpu16.column("recaption").to_pylist()
+    assert [x is not None for x in got] == [True, True, False, True, True, True]
