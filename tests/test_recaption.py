@@ -13,7 +13,6 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jobs.config import ConfigError, load_config  # noqa: E402
 from operators.recaption import (  # noqa: E402
     DEFAULT_TEXTUALIZE_PROMPT, SOURCE_PREFIX, RecaptionCacheLookup, RecaptionCacheStore, RecaptionConfig,
     Recaptioner, TorchvisionDetector, alt_text_of, clean_alt_text, describe_objects, render_prompt,
@@ -353,6 +352,8 @@ def test_vllm_cache_steps_around_the_processor(tmp_path):
 
 # --- config ---------------------------------------------------------------------------------------
 def test_config_errors_name_the_key(tmp_path):
+    from jobs.config import ConfigError, load_config
+
     base = {"input": {"paths": ["x.csv"]}, "output": {"path": str(tmp_path)}}
     with pytest.raises(ConfigError, match="recaption"):
         load_config(data={**base, "recaption": {"enabled": True, "model": None}})
