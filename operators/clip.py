@@ -248,6 +248,9 @@ class ClipEmbedder(Operator):
                     continue
                 if done is not None:
                     torch.cuda.current_stream().wait_event(done)
+                    # Allocated on the decode stream, read on this one: without this the caching
+                    # allocator could hand the block to the next decode while the encoder still reads it.
+                    pixels.record_stream(torch.cuda.current_stream())
                 with torch.inference_mode():
                     e = self._model.encode_image(pixels)
                     embs.append(torch.nn.functional.normalize(e.float(), dim=-1))
