@@ -39,8 +39,8 @@ class ImageConfig(BaseModel):
     min_image_size: int = Field(0, ge=0, description="smallest side, pixels")
     max_aspect_ratio: float = Field(float("inf"), gt=0)
     max_pixels: int = Field(89_478_485, gt=0, description="width x height from the header; larger is refused")
-    num_cpus: float = Field(1.0, gt=0)
-    batch_size: int = Field(64, ge=1)
+    num_cpus: float = Field(1.0, gt=0, description="CPUs the download actor adds for image work (it runs there)")
+    batch_size: int = Field(64, ge=1, description="rows per call of the function form; the job uses download.yield_rows")
 
 
 class ImageProcessor(Operator):
