@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import platform
 import sys
 import time
@@ -94,11 +95,14 @@ def build_pipeline(cfg: JobConfig, ds):
     # Download and image work share one actor pool: each finished chunk is decoded, resized and
     # re-encoded on the actor's calling threads (OpenCV releases the GIL) while its event loop
     # keeps downloading, so raw bytes never cross the object store and no separate image stage
-    # pays per-task overhead. The actor holds the CPUs of both.
+    # pays per-task overhead. The actor holds the CPUs of both and resizes on at most as many
+    # threads as images.num_cpus (rounded up).
     d = HttpDownloader.resources(cfg.download)
     im = ImageProcessor.resources(cfg.images)
     ds = ds.map_batches(
-        HttpDownloader, fn_constructor_kwargs={"config": cfg.download, "then": ImageProcessor(cfg.images)},
+        HttpDownloader,
+        fn_constructor_kwargs={"config": cfg.download, "then": ImageProcessor(cfg.images),
+                               "then_threads": max(1, math.ceil(im.num_cpus))},
         batch_format="pyarrow", batch_size=d.batch_size, num_cpus=d.num_cpus + im.num_cpus,
         compute=ActorPoolStrategy(
             min_size=d.pool[0], max_size=d.pool[1],

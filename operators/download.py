@@ -152,14 +152,19 @@ class HttpDownloader(Operator):
     reads = ("sample_id", "url", "status")
     writes = ("image_bytes", "http_status", "content_type", "final_url", "download_attempts", "download_ms")
 
-    def __init__(self, config: DownloadConfig | dict | None = None, then: Operator | None = None):
+    def __init__(self, config: DownloadConfig | dict | None = None, then: Operator | None = None,
+                 then_threads: int | None = None):
         """``then``: an operator run on each finished chunk inside this actor (the job passes the
         ImageProcessor), so raw downloads never cross the object store and the image work runs on
-        the calling threads (OpenCV releases the GIL) while the event loop keeps downloading."""
+        the calling threads (OpenCV releases the GIL) while the event loop keeps downloading.
+        ``then_threads``: at most this many chunks in ``then`` at once (the CPUs the actor holds for it)."""
         self.config = config if isinstance(config, DownloadConfig) else DownloadConfig(**(config or {}))
         if then is not None and not callable(then):
             raise ValueError(f"then must be an operator (a callable on a pyarrow.Table), got {then!r}")
+        if then_threads is not None and then_threads < 1:
+            raise ValueError(f"then_threads must be >= 1, got {then_threads}")
         self.then = then
+        self._then_slots = threading.BoundedSemaphore(then_threads) if then_threads else None
         c = self.config
         self.policy = AddressPolicy.build(c.allow_loopback, c.allow_private, c.allow_networks)
         self.directives = {d.lower() for d in self.config.robots_directives}
@@ -259,7 +264,12 @@ class HttpDownloader(Operator):
         return self._finish(self._assemble(batch, list(range(batch.num_rows)), results))
 
     def _finish(self, chunk: pa.Table) -> pa.Table:
-        return chunk if self.then is None else self.then(chunk)
+        if self.then is None:
+            return chunk
+        if self._then_slots is None:
+            return self.then(chunk)
+        with self._then_slots:
+            return self.then(chunk)
 
     def window(self) -> int:
         """Rows of one call downloading or downloaded but not yet taken by the caller."""

@@ -267,3 +267,32 @@ def test_window_bounds_downloads_while_the_caller_holds_back(image_server):
     finally:
         d.close()
     assert len(rest) == len(urls) - 1 and len(fetched) == len(urls)
+
+
+def test_then_threads_caps_concurrent_image_work(image_server):
+    """Calls running at once (Ray's threaded actor) run ``then`` on at most then_threads chunks."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    busy, peak, lock = [0], [0], threading.Lock()
+
+    def slow_then(chunk):
+        with lock:
+            busy[0] += 1
+            peak[0] = max(peak[0], busy[0])
+        time.sleep(0.05)
+        with lock:
+            busy[0] -= 1
+        return chunk
+
+    with pytest.raises(ValueError, match="then_threads"):
+        HttpDownloader(DownloadConfig(**FAST), then=slow_then, then_threads=0)
+    d = HttpDownloader(DownloadConfig(**{**FAST, "yield_rows": 1}), then=slow_then, then_threads=2)
+    batches = [batch_of([image_server.url(f"/img/00001.jpg?i={k}-{i}") for i in range(4)]) for k in range(4)]
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            outs = list(pool.map(lambda b: sum(t.num_rows for t in d(b)), batches))
+    finally:
+        d.close()
+    assert outs == [4, 4, 4, 4] and 1 <= peak[0] <= 2
