@@ -14,7 +14,7 @@ so a retry can succeed). A fresh server with the same seed serves each run.
 - imgcurate runs ``python -m jobs.curate CONFIG`` in a subprocess: its own local Ray bound to
   127.0.0.1, the same image settings, download retries 2 and timeout 10; the config takes the
   download, images and ray sections of configs/dryrun.yaml (no model stages: img2dataset has
-  none) and the knobs in ``OURS_TUNING``; ``--set`` adds more, ``--job-env`` sets environment
+  none) and the knobs in ``OURS_TUNING``, with ``OURS_JOB_ENV``; ``--set`` adds more, ``--job-env`` sets environment
   variables of the job (e.g. Ray Data switches).
 
 Printed: images/s and successes of each and their ratio, on two bases:
@@ -88,6 +88,11 @@ OURS_TUNING = [
     "download.concurrency=128", "download.per_host_concurrency=128", "download.pool_min=1", "download.pool_max=1",
     "images.num_cpus=1.5", "ray.num_cpus=4", "ray.target_max_block_mb=8",
 ]
+# Environment of imgcurate's job: a local Ray started by the driver runs its workers at niceness 15
+# (Ray's default), below the driver, the sample server and img2dataset's processes (0); `ray job
+# submit` sets RAY_worker_niceness=0 for a job's workers (ray/dashboard/modules/job/job_manager.py),
+# so the job runs as it would under submission. `--job-env` adds to (or overrides) this.
+OURS_JOB_ENV = ["RAY_worker_niceness=0"]
 
 
 # ------------------------------------------------------------------------------ processes
@@ -481,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     shard_rows = max(1, -(-args.n // 8))  # fixed from N: the 10N run keeps the same config
     cores = len(os.sched_getaffinity(0))
     load_before = os.getloadavg()[0]
-    job_env = dict(kv.split("=", 1) for kv in args.job_env)
+    job_env = dict(kv.split("=", 1) for kv in [*OURS_JOB_ENV, *args.job_env])
     mem_latency = args.latency_ms if args.memory_latency_ms is None else args.memory_latency_ms
     pairs: list[tuple[dict | None, dict]] = []
     big = big_i2d = None
@@ -518,7 +523,7 @@ def report(args, pairs, big, big_i2d, shard_rows, cores, load_before, load_after
         f"retries {RETRIES}, timeout {TIMEOUT_S}s, output parquet",
         f"  imgcurate (ray {_version('ray')}): download/images/ray of configs/dryrun.yaml, no model stages, plan.shard_rows={shard_rows} "
         f"{' '.join([*OURS_TUNING, f'download.batch_size={shard_rows}', *args.overrides])}, retries {RETRIES}, timeout {TIMEOUT_S}s"
-        + (f"; job environment {' '.join(args.job_env)}" if args.job_env else ""),
+        + f"; job environment {' '.join([*OURS_JOB_ENV, *args.job_env])}",
         "",
         f"{'tool':<14} {'job_s':>6} {'images/s':>9} {'wall_s':>7} {'images/s':>9} {'successes':>11} "
         f"{'peak RSS':>9} {'peak PSS':>9} {'CPU s':>6} {'CPU ms/img':>10}",
