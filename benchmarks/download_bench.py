@@ -14,7 +14,7 @@ so a retry can succeed). A fresh server with the same seed serves each run.
 - imgcurate runs ``python -m jobs.curate CONFIG`` in a subprocess: its own local Ray bound to
   127.0.0.1, the same image settings, download retries 2 and timeout 10; the config takes the
   download, images and ray sections of configs/dryrun.yaml (no model stages: img2dataset has
-  none) and the knobs in ``OURS_TUNING``; ``--set`` adds more, ``--job-env`` sets environment
+  none) and the knobs in ``OURS_TUNING``, with ``OURS_JOB_ENV``; ``--set`` adds more, ``--job-env`` sets environment
   variables of the job (e.g. Ray Data switches).
 
 Printed: images/s and successes of each and their ratio, on two bases:
@@ -77,14 +77,22 @@ MiB = 1024 * 1024
 # imgcurate knobs for this run (config keys, as `--set` takes them; measured on 2 cores):
 # - every URL is on one host, so the per-host cap is the global one (128 open requests, as
 #   img2dataset's 2 x 64 threads); one download actor keeps up (~600 URLs/s here);
-# - images.num_cpus 1.5 of ray.num_cpus 4: two image tasks at once, one per core (1.0 runs three
-#   on two cores, over more worker processes, each paying its own start-up);
-# - 1 MiB blocks (~40 downloaded images): images start while downloads go on; 8 MiB blocks
-#   (~300 images) left the image stage idle for most of the download.
+# - images run inside the download actor: it holds download.num_cpus 0.5 + images.num_cpus 1.5
+#   = 2 of ray.num_cpus 4 and resizes on at most 2 threads (one per core); the other 2 logical
+#   CPUs go to read and write tasks;
+# - 8 MiB blocks: one block (and one write task) per download call of a 250-row shard; 1 MiB
+#   blocks made a write task per 64-row chunk (more per-task CPU in writes and in the driver);
+# - download.batch_size = plan.shard_rows (added in ours_config): one shard per download call,
+#   so several calls (and resize threads) run at once even at N=2000.
 OURS_TUNING = [
     "download.concurrency=128", "download.per_host_concurrency=128", "download.pool_min=1", "download.pool_max=1",
-    "images.num_cpus=1.5", "images.batch_size=64", "ray.num_cpus=4", "ray.target_max_block_mb=1",
+    "images.num_cpus=1.5", "ray.num_cpus=4", "ray.target_max_block_mb=8",
 ]
+# Environment of imgcurate's job: a local Ray started by the driver runs its workers at niceness 15
+# (Ray's default), below the driver, the sample server and img2dataset's processes (0); `ray job
+# submit` sets RAY_worker_niceness=0 for a job's workers (ray/dashboard/modules/job/job_manager.py),
+# so the job runs as it would under submission. `--job-env` adds to (or overrides) this.
+OURS_JOB_ENV = ["RAY_worker_niceness=0"]
 
 
 # ------------------------------------------------------------------------------ processes
@@ -392,7 +400,7 @@ def ours_config(urls: Path, out: Path, image_size: int, shard_rows: int, overrid
         "images": images,
         "ray": dict(dry["ray"]),
     }
-    for o in [*OURS_TUNING, *overrides]:
+    for o in [*OURS_TUNING, f"download.batch_size={shard_rows}", *overrides]:
         apply_override(data, o)
     load_config(data=data)  # fail here, not in the subprocess, on a bad key
     return data
@@ -478,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     shard_rows = max(1, -(-args.n // 8))  # fixed from N: the 10N run keeps the same config
     cores = len(os.sched_getaffinity(0))
     load_before = os.getloadavg()[0]
-    job_env = dict(kv.split("=", 1) for kv in args.job_env)
+    job_env = dict(kv.split("=", 1) for kv in [*OURS_JOB_ENV, *args.job_env])
     mem_latency = args.latency_ms if args.memory_latency_ms is None else args.memory_latency_ms
     pairs: list[tuple[dict | None, dict]] = []
     big = big_i2d = None
@@ -514,8 +522,8 @@ def report(args, pairs, big, big_i2d, shard_rows, cores, load_before, load_after
         f"  img2dataset {_version('img2dataset')}: {I2D_PROCESSES} processes x {I2D_THREADS} threads, "
         f"retries {RETRIES}, timeout {TIMEOUT_S}s, output parquet",
         f"  imgcurate (ray {_version('ray')}): download/images/ray of configs/dryrun.yaml, no model stages, plan.shard_rows={shard_rows} "
-        f"{' '.join([*OURS_TUNING, *args.overrides])}, retries {RETRIES}, timeout {TIMEOUT_S}s"
-        + (f"; job environment {' '.join(args.job_env)}" if args.job_env else ""),
+        f"{' '.join([*OURS_TUNING, f'download.batch_size={shard_rows}', *args.overrides])}, retries {RETRIES}, timeout {TIMEOUT_S}s"
+        + f"; job environment {' '.join([*OURS_JOB_ENV, *args.job_env])}",
         "",
         f"{'tool':<14} {'job_s':>6} {'images/s':>9} {'wall_s':>7} {'images/s':>9} {'successes':>11} "
         f"{'peak RSS':>9} {'peak PSS':>9} {'CPU s':>6} {'CPU ms/img':>10}",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import platform
 import sys
 import time
@@ -28,7 +29,7 @@ from operators.reward import RewardScorer
 from operators.reward import model_report as reward_report
 from operators.safety import SafetyScorer
 from operators.safety import model_report as safety_report
-from operators.images import ImageProcessor, process_images
+from operators.images import ImageProcessor
 from operators.sinks import PARQUET_OPTIONS, count_written, sink_prep
 from operators.storage import arrow_fs, fsspec_fs, join, read_json, write_json_atomic
 
@@ -69,6 +70,10 @@ def _data_context(cfg: JobConfig):
     ctx.enable_progress_bars = cfg.ray.progress_bars
     ctx.enable_operator_progress_bars = cfg.ray.progress_bars
     ctx.target_max_block_size = int(cfg.ray.target_max_block_mb * 1024 * 1024)
+    # Ray 2.60's V2 Parquet reader starts up to 32 FooterReader actors and bin-packs small sample
+    # shards into one block (a few huge download batches, ~2 GB of reader RSS at 20k samples);
+    # the V1 reader gives one read task and block per shard, as run_wave asks.
+    ctx.use_datasource_v2 = False
     return ctx
 
 
@@ -85,24 +90,27 @@ def versions() -> dict:
 
 # --- phase 1 ----------------------------------------------------------------------------
 def build_pipeline(cfg: JobConfig, ds):
-    """Read -> download (actors) -> images (tasks) -> model stages (actors) -> sink prep: map-like ops
+    """Read -> download+images (actors) -> model stages (actors) -> sink prep: map-like ops
     only, so Ray Data's checkpointing applies."""
     from ray.data import ActorPoolStrategy
 
+    # Download and image work share one actor pool: each finished chunk is decoded, resized and
+    # re-encoded on the actor's calling threads (OpenCV releases the GIL) while its event loop
+    # keeps downloading, so raw bytes never cross the object store and no separate image stage
+    # pays per-task overhead. The actor holds the CPUs of both and resizes on at most as many
+    # threads as images.num_cpus (rounded up).
     d = HttpDownloader.resources(cfg.download)
+    im = ImageProcessor.resources(cfg.images)
     ds = ds.map_batches(
-        HttpDownloader, fn_constructor_kwargs={"config": cfg.download}, batch_format="pyarrow",
-        batch_size=d.batch_size, num_cpus=d.num_cpus,
+        HttpDownloader,
+        fn_constructor_kwargs={"config": cfg.download, "then": ImageProcessor(cfg.images),
+                               "then_threads": max(1, math.ceil(im.num_cpus))},
+        batch_format="pyarrow", batch_size=d.batch_size, num_cpus=d.num_cpus + im.num_cpus,
         compute=ActorPoolStrategy(
             min_size=d.pool[0], max_size=d.pool[1],
             max_tasks_in_flight_per_actor=2 * cfg.download.batches_in_flight,
             max_concurrent_calls_per_actor=cfg.download.batches_in_flight, enable_true_multi_threading=True),
     )
-    # Image work is stateless per batch: tasks, fused with the sink prep and the write, so no
-    # CPU is held by an idle actor and raw bytes go straight from download to the writer.
-    im = ImageProcessor.resources(cfg.images)
-    ds = ds.map_batches(process_images, fn_kwargs={"config": cfg.images}, batch_format="pyarrow",
-                        batch_size=im.batch_size, num_cpus=im.num_cpus)
     # Model stages: GPU actors (CPU when configured so), in the order each reads the last's columns.
     # Recaptioning runs after the filters (only kept samples cost generation) and before the reward
     # model, which ranks the recaption against the alt-texts.

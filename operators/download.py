@@ -152,8 +152,19 @@ class HttpDownloader(Operator):
     reads = ("sample_id", "url", "status")
     writes = ("image_bytes", "http_status", "content_type", "final_url", "download_attempts", "download_ms")
 
-    def __init__(self, config: DownloadConfig | dict | None = None):
+    def __init__(self, config: DownloadConfig | dict | None = None, then: Operator | None = None,
+                 then_threads: int | None = None):
+        """``then``: an operator run on each finished chunk inside this actor (the job passes the
+        ImageProcessor), so raw downloads never cross the object store and the image work runs on
+        the calling threads (OpenCV releases the GIL) while the event loop keeps downloading.
+        ``then_threads``: at most this many chunks in ``then`` at once (the CPUs the actor holds for it)."""
         self.config = config if isinstance(config, DownloadConfig) else DownloadConfig(**(config or {}))
+        if then is not None and not callable(then):
+            raise ValueError(f"then must be an operator (a callable on a pyarrow.Table), got {then!r}")
+        if then_threads is not None and then_threads < 1:
+            raise ValueError(f"then_threads must be >= 1, got {then_threads}")
+        self.then = then
+        self._then_slots = threading.BoundedSemaphore(then_threads) if then_threads else None
         c = self.config
         self.policy = AddressPolicy.build(c.allow_loopback, c.allow_private, c.allow_networks)
         self.directives = {d.lower() for d in self.config.robots_directives}
@@ -233,7 +244,7 @@ class HttpDownloader(Operator):
         alive = alive_mask(batch)
         dead = [i for i, a in enumerate(alive) if not a]
         if dead:
-            yield self._assemble(batch, dead, {})
+            yield self._finish(self._assemble(batch, dead, {}))
         todo = [i for i, a in enumerate(alive) if a]
         if not todo:
             return
@@ -241,31 +252,57 @@ class HttpDownloader(Operator):
         for i, r in self._stream(batch, todo):
             chunk[i] = r
             if len(chunk) >= self.config.yield_rows:
-                yield self._assemble(batch, list(chunk), chunk)
+                yield self._finish(self._assemble(batch, list(chunk), chunk))
                 chunk = {}
         if chunk:
-            yield self._assemble(batch, list(chunk), chunk)
+            yield self._finish(self._assemble(batch, list(chunk), chunk))
 
     def process(self, batch: pa.Table) -> pa.Table:
         """All rows at once, in input order (direct use and tests)."""
         todo = [i for i, a in enumerate(alive_mask(batch)) if a]
         results = dict(self._stream(batch, todo)) if todo else {}
-        return self._assemble(batch, list(range(batch.num_rows)), results)
+        return self._finish(self._assemble(batch, list(range(batch.num_rows)), results))
+
+    def _finish(self, chunk: pa.Table) -> pa.Table:
+        if self.then is None:
+            return chunk
+        if self._then_slots is None:
+            return self.then(chunk)
+        with self._then_slots:
+            return self.then(chunk)
+
+    def window(self) -> int:
+        """Rows of one call downloading or downloaded but not yet taken by the caller."""
+        return self.config.concurrency + self.config.yield_rows
 
     def _stream(self, batch: pa.Table, todo: list[int]) -> Iterator[tuple[int, Fetched]]:
+        """Results as they finish. A row's slot in the window is freed only when the caller takes
+        it, so a caller held back (slow image work, Ray's output backpressure) stops new
+        downloads: per call at most ``window()`` bodies are held, however large the batch."""
         urls = batch.column("url").to_pylist()
         q: queue.SimpleQueue = queue.SimpleQueue()
         loop = self._ensure_loop()
-        asyncio.run_coroutine_threadsafe(self._produce([(i, urls[i]) for i in todo], q), loop)
-        for _ in range(len(todo)):
-            yield q.get()
+        slots = asyncio.run_coroutine_threadsafe(self._new_slots(), loop).result()
+        fut = asyncio.run_coroutine_threadsafe(self._produce([(i, urls[i]) for i in todo], q, slots), loop)
+        try:
+            for _ in range(len(todo)):
+                item = q.get()
+                loop.call_soon_threadsafe(slots.release)
+                yield item
+        finally:
+            if not fut.done():
+                fut.cancel()  # the caller stopped early: no worker may wait for a slot forever
 
-    async def _produce(self, items: list[tuple[int, str]], q: queue.SimpleQueue) -> None:
-        """A fixed pool of workers walks the rows: memory stays bounded however large the batch."""
+    async def _new_slots(self) -> asyncio.Semaphore:
+        return asyncio.Semaphore(self.window())
+
+    async def _produce(self, items: list[tuple[int, str]], q: queue.SimpleQueue, slots: asyncio.Semaphore) -> None:
+        """A fixed pool of workers walks the rows; each row takes a slot before its download starts."""
         it = iter(items)
 
         async def worker() -> None:
             for i, url in it:
+                await slots.acquire()
                 try:
                     r = await self._fetch_with_retries(url)
                 except Exception as exc:  # noqa: BLE001 - a bug must not crash the job: record it

@@ -39,8 +39,8 @@ class ImageConfig(BaseModel):
     min_image_size: int = Field(0, ge=0, description="smallest side, pixels")
     max_aspect_ratio: float = Field(float("inf"), gt=0)
     max_pixels: int = Field(89_478_485, gt=0, description="width x height from the header; larger is refused")
-    num_cpus: float = Field(1.0, gt=0)
-    batch_size: int = Field(64, ge=1)
+    num_cpus: float = Field(1.0, gt=0, description="CPUs the download actor adds for image work (it runs there)")
+    batch_size: int = Field(64, ge=1, description="rows per call of the function form; the job uses download.yield_rows")
 
 
 class ImageProcessor(Operator):
@@ -118,7 +118,7 @@ class ImageProcessor(Operator):
             return res, (DROPPED, "aspect_ratio", f"{w}x{h} > {c.max_aspect_ratio}")
         try:
             stream = io.BytesIO(data)
-            orientation = im.getexif().get(0x0112, 1) if fmt in ("jpeg", "webp", "tiff", "png") else 1
+            orientation = exif_orientation(im, data, fmt)
             if orientation not in (1, None):
                 # Apply EXIF orientation, then hand lossless pixels to the resizer.
                 im = ImageOps.exif_transpose(im)
@@ -139,6 +139,17 @@ class ImageProcessor(Operator):
             return res, (FAILED, "decode_error", f"{type(exc).__name__}: {exc}"[:200])
         res.update(image=img, width=width, height=height)
         return res, None
+
+
+def exif_orientation(im, data: bytes, fmt: str) -> int | None:
+    """EXIF orientation tag, 1 when absent. A PNG without an ``eXIf`` chunk before its pixels makes
+    Pillow's ``getexif`` decode the whole image to look for one after them; when the bytes hold no
+    ``eXIf`` at all the answer is known without that decode."""
+    if fmt not in ("jpeg", "webp", "tiff", "png"):
+        return 1
+    if fmt == "png" and "exif" not in im.info and b"eXIf" not in data:
+        return 1
+    return im.getexif().get(0x0112, 1)
 
 
 def decode_resize_encode(data: bytes, mode: str, size: int, only_if_bigger: bool, fmt: str,

@@ -216,3 +216,83 @@ def test_dropped_connections_are_retried_then_recorded(sample_dir):
     reasons = {r["drop_reason"] for r in rows}
     assert reasons <= {"http_500", "connection_error"} and "connection_error" in reasons, reasons
     assert all(r["status"] == "failed" and r["download_attempts"] == 2 for r in rows)
+
+
+def test_then_operator_runs_on_each_chunk(image_server):
+    """With ``then`` (the job passes the ImageProcessor), chunks leave the call processed."""
+    import pyarrow as pa
+
+    from operators.images import ImageProcessor
+
+    paths = ["/img/00001.jpg", "/status/404", "/img/00003.jpg", "/html"]
+    urls = [image_server.url(p) for p in paths]
+    d = HttpDownloader(DownloadConfig(**{**FAST, "yield_rows": 2}), then=ImageProcessor({"image_size": 32}))
+    try:
+        out = pa.concat_tables(list(d(batch_of(urls)))).to_pylist()
+    finally:
+        d.close()
+    assert sorted(r["sample_id"] for r in out) == [f"id{i}" for i in range(4)]
+    assert all("image_bytes" not in r for r in out)  # raw bytes stay in the actor
+    by_url = {r["url"]: r for r in out}
+    assert by_url[urls[0]]["status"] == "kept" and (by_url[urls[0]]["width"], by_url[urls[0]]["height"]) == (32, 32)
+    assert by_url[urls[1]]["drop_reason"] == "http_404" and by_url[urls[1]]["image"] is None
+    assert by_url[urls[3]]["drop_reason"] == "not_image"
+
+
+def test_then_must_be_callable():
+    with pytest.raises(ValueError, match="then must be"):
+        HttpDownloader(DownloadConfig(**FAST), then="images")
+
+
+def test_window_bounds_downloads_while_the_caller_holds_back(image_server):
+    """A caller that stops taking results stops new downloads: at most window() rows are fetched ahead."""
+    import time
+
+    d = HttpDownloader(DownloadConfig(**{**FAST, "concurrency": 2, "per_host_concurrency": 2, "yield_rows": 1}))
+    fetched = []
+    orig = d._fetch_with_retries
+
+    async def counting(url):
+        fetched.append(url)
+        return await orig(url)
+
+    d._fetch_with_retries = counting
+    urls = [image_server.url(f"/img/00001.jpg?i={i}") for i in range(20)]
+    try:
+        it = d._stream(batch_of(urls), list(range(len(urls))))
+        next(it)
+        time.sleep(0.5)  # holding one result back: the others may finish, no new ones start
+        assert len(fetched) <= 1 + d.window(), len(fetched)
+        rest = list(it)
+    finally:
+        d.close()
+    assert len(rest) == len(urls) - 1 and len(fetched) == len(urls)
+
+
+def test_then_threads_caps_concurrent_image_work(image_server):
+    """Calls running at once (Ray's threaded actor) run ``then`` on at most then_threads chunks."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    busy, peak, lock = [0], [0], threading.Lock()
+
+    def slow_then(chunk):
+        with lock:
+            busy[0] += 1
+            peak[0] = max(peak[0], busy[0])
+        time.sleep(0.05)
+        with lock:
+            busy[0] -= 1
+        return chunk
+
+    with pytest.raises(ValueError, match="then_threads"):
+        HttpDownloader(DownloadConfig(**FAST), then=slow_then, then_threads=0)
+    d = HttpDownloader(DownloadConfig(**{**FAST, "yield_rows": 1}), then=slow_then, then_threads=2)
+    batches = [batch_of([image_server.url(f"/img/00001.jpg?i={k}-{i}") for i in range(4)]) for k in range(4)]
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            outs = list(pool.map(lambda b: sum(t.num_rows for t in d(b)), batches))
+    finally:
+        d.close()
+    assert outs == [4, 4, 4, 4] and 1 <= peak[0] <= 2

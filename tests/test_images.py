@@ -173,6 +173,40 @@ def test_exif_orientation_content():
     assert out[:, :10, 2].mean() > 200 and out[:, :10, 0].mean() < 60  # left: blue
 
 
+def _png_with_exif_after_pixels(img: Image.Image, exif: Image.Exif) -> bytes:
+    """A PNG whose eXIf chunk comes after IDAT (allowed by the spec): Pillow finds it only on load."""
+    import struct
+    import zlib
+
+    png = _encode(img, "PNG")
+    payload = exif.tobytes()
+    chunk = struct.pack(">I", len(payload)) + b"eXIf" + payload + struct.pack(">I", zlib.crc32(b"eXIf" + payload))
+    iend = png.rindex(b"IEND") - 4
+    return png[:iend] + chunk + png[iend:]
+
+
+@pytest.mark.parametrize("where", ["before_pixels", "after_pixels"])
+def test_exif_orientation_png(where):
+    # Orientation 6 on a PNG, the eXIf chunk before or after the pixel data: applied either way.
+    arr = np.zeros((40, 60, 3), np.uint8)
+    arr[:20] = (255, 0, 0)
+    arr[20:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img = Image.fromarray(arr)
+    data = _encode(img, "PNG", exif=exif) if where == "before_pixels" else _png_with_exif_after_pixels(img, exif)
+    out = np.asarray(_decoded(_one(data, image_size=64, resize_mode="no", encode_format="png", encode_quality=1)))
+    assert out.shape[:2] == (60, 40)
+    assert out[:, 30:, 0].mean() > 200 and out[:, :10, 2].mean() > 200
+
+
+def test_png_without_exif_is_not_rotated():
+    arr = np.zeros((40, 60, 3), np.uint8)
+    row = _one(_encode(Image.fromarray(arr), "PNG"), image_size=64, resize_mode="no", encode_format="png",
+               encode_quality=1)
+    assert (row["width"], row["height"]) == (60, 40)
+
+
 def test_grayscale_rgba_gif_from_sample(sample_dir):
     names = ["00012.jpg", "00010.png", "00011.gif"]
     datas = [_file(sample_dir, n) for n in names]

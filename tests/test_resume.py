@@ -72,6 +72,41 @@ def wait_quiet(server, quiet_s: float = 2.0, timeout_s: float = 60.0) -> None:
         time.sleep(0.1)
 
 
+def _descendant_titles(root: int) -> list[str]:
+    """Command lines (Ray's process titles) of every process below ``root``, read from /proc."""
+    parent: dict[int, int] = {}
+    cmd: dict[int, str] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd[int(d)] = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+    below, todo = set(), [root]
+    while todo:
+        p = todo.pop()
+        for c, pp in parent.items():
+            if pp == p and c not in below:
+                below.add(c)
+                todo.append(c)
+    return [cmd.get(p, "") for p in below]
+
+
+def wait_downloaders_gone(timeout_s: float = 60.0) -> None:
+    """Ray kills a dead driver's actors asynchronously, and a download actor can sit paused (its
+    window of fetched rows full, or starved of CPU) long enough for the server to look quiet, then
+    fetch again: wait until no download actor of this test's Ray (our descendants) is left."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not any("HttpDownloader" in t for t in _descendant_titles(os.getpid())):
+            return
+        time.sleep(0.2)
+
+
 def committed_rows(out: Path) -> int:
     return sum(pq.read_metadata(str(p)).num_rows for p in committed_checkpoints(out))
 
@@ -114,6 +149,7 @@ def test_sigkill_driver_then_rerun_gives_every_sample_once(ray_session, slow_ser
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "_manifest.json").exists()
+    wait_downloaders_gone()
     wait_quiet(slow_server)
     committed = committed_rows(out)
     assert 0 < committed < N_SAMPLES, f"the first run was not interrupted part-way ({committed} rows committed)"
