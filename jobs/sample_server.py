@@ -85,6 +85,7 @@ class SampleServer:
         self.fault_rate = float(fault_rate)
         self.seed = seed
         self.hits: dict[str, int] = defaultdict(int)  # request count per path (query excluded)
+        self.requests: dict[str, int] = defaultdict(int)  # request count per path with its query
         self._hits_lock = threading.Lock()
         self._rng = random.Random(seed)
         self._flaky: dict[str, int] = defaultdict(int)
@@ -177,6 +178,7 @@ class SampleServer:
     def reset_hits(self) -> None:
         with self._hits_lock:
             self.hits.clear()
+            self.requests.clear()
 
     # ------------------------------------------------------------------ app
 
@@ -201,6 +203,7 @@ class SampleServer:
     async def _count_and_delay(self, request: web.Request, handler):
         with self._hits_lock:
             self.hits[request.path] += 1
+            self.requests[request.path_qs] += 1
         if self.latency_ms > 0:
             await asyncio.sleep(self.latency_ms / 1000.0)
         return await handler(request)
