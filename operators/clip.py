@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
-import tempfile
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -27,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from operators.base import (DROPPED, FAILED, Operator, Resources, alive_mask, mark, model_stage_resources,
                             set_columns)
-from operators.storage import StorageConfig, fsspec_fs
+from operators.storage import StorageConfig, local_copy
 
 log = logging.getLogger(__name__)
 
@@ -63,23 +61,6 @@ def threshold_reason(min_score: float) -> str:
     return f"clip_below_{min_score:g}"
 
 
-def _fetch_checkpoint(spec: str, storage: StorageConfig | None, cache_dir: str | None) -> str:
-    """A local path for a checkpoint spec (copied once from object storage)."""
-    if spec.startswith("file://"):
-        return spec[len("file://"):]
-    if "://" not in spec:
-        return spec
-    fs, path = fsspec_fs(spec, storage)
-    cache = cache_dir or os.path.join(tempfile.gettempdir(), "imgcurate-models")
-    local = os.path.join(cache, path.replace("/", "__"))
-    if not os.path.exists(local):
-        os.makedirs(cache, exist_ok=True)
-        tmp = f"{local}.{os.getpid()}.part"
-        fs.get(path, tmp)
-        os.replace(tmp, local)
-    return local
-
-
 def is_checkpoint_spec(spec: str | None) -> bool:
     return spec is not None and ("://" in spec or spec.startswith(("/", ".")) or spec.endswith((".pt", ".bin",
                                                                                                   ".safetensors")))
@@ -93,7 +74,7 @@ def load_clip(cfg: ClipConfig, storage: StorageConfig | None = None, device: str
         open_clip.add_model_config(cfg.model_config_path)
     pretrained = cfg.pretrained
     if is_checkpoint_spec(pretrained):
-        pretrained = _fetch_checkpoint(pretrained, storage, cfg.cache_dir)
+        pretrained = local_copy(pretrained, storage, cfg.cache_dir)
     precision = cfg.precision
     if precision == "auto":
         precision = "fp16" if device.startswith("cuda") else "fp32"

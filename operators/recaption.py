@@ -43,7 +43,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import threading
 import unicodedata
 from typing import Any, ClassVar, Literal
@@ -52,7 +51,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from operators.base import FAILED, Operator, Resources, alive_mask, mark, model_stage_resources, set_columns
-from operators.storage import StorageConfig, fsspec_fs, is_remote, join
+from operators.storage import StorageConfig, fsspec_fs, is_remote, join, local_copy
 
 log = logging.getLogger(__name__)
 
@@ -208,10 +207,15 @@ def clean_alt_text(text: str | None, max_chars: int) -> str:
     t = _CONTROL.sub(" ", t)
     t = " ".join(t.split())
     if len(t) > max_chars:
-        cut = t[:max_chars]
-        space = cut.rfind(" ")
-        t = (cut[:space] if space > max_chars // 2 else cut).rstrip() + "…"
+        t = _cut_at_word(t, max_chars) + "…"
     return t
+
+
+def _cut_at_word(text: str, max_chars: int) -> str:
+    """``text`` cut to ``max_chars``, at the last space when that keeps more than half."""
+    cut = text[:max_chars]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > max_chars // 2 else cut).rstrip()
 
 
 def alt_text_of(captions: list | None, sources: list | None) -> str:
@@ -244,11 +248,7 @@ def prompt_inputs_digest(template: str, alt_text: str) -> str:
 
 def clean_caption(text: str, max_chars: int) -> str:
     t = " ".join((text or "").split())
-    if len(t) > max_chars:
-        cut = t[:max_chars]
-        space = cut.rfind(" ")
-        t = cut[:space] if space > max_chars // 2 else cut
-    return t.strip()
+    return _cut_at_word(t, max_chars) if len(t) > max_chars else t
 
 
 def chat_messages(prompt: str, system_prompt: str | None = None, image_url: str | None = None) -> list[dict]:
@@ -311,7 +311,7 @@ class TorchvisionDetector:
                 torch.manual_seed(RANDOM_SEED)
                 model = build(weights=None, weights_backbone=None, num_classes=91)
             if weights is not None:
-                state = torch.load(fetch_local(weights, storage, cache_dir), map_location="cpu", weights_only=True)
+                state = torch.load(local_copy(weights, storage, cache_dir), map_location="cpu", weights_only=True)
                 model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
         else:  # a torchvision weights tag: downloads into torch's hub cache
             model = build(weights=weights)
@@ -340,7 +340,7 @@ class TransformersDetector:
     def __init__(self, cfg: DetectorConfig, storage: StorageConfig | None, device: str, cache_dir: str | None):
         from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
-        path = fetch_local(cfg.model, storage, cache_dir)
+        path = local_copy(cfg.model, storage, cache_dir)
         self.cfg = cfg
         self.device = device
         self.processor = AutoImageProcessor.from_pretrained(path)
@@ -361,28 +361,6 @@ class TransformersDetector:
 
 
 # --- models ------------------------------------------------------------------------------------------
-def fetch_local(spec: str, storage: StorageConfig | None, cache_dir: str | None) -> str:
-    """A local path for a model spec: ``file://`` and paths as they are, ``s3://`` prefixes (a
-    directory) or objects copied once into ``cache_dir``; anything else (an HF id) unchanged."""
-    if spec.startswith("file://"):
-        return spec[len("file://"):]
-    if not is_remote(spec):
-        return spec
-    fs, path = fsspec_fs(spec, storage)
-    cache = cache_dir or os.path.join(tempfile.gettempdir(), "imgcurate-models")
-    local = os.path.join(cache, path.strip("/").replace("/", "__"))
-    if os.path.exists(local):
-        return local
-    os.makedirs(cache, exist_ok=True)
-    tmp = f"{local}.{os.getpid()}.part"
-    if fs.isdir(path):
-        fs.get(path.rstrip("/") + "/", tmp, recursive=True)
-    else:
-        fs.get(path, tmp)
-    os.replace(tmp, local)
-    return local
-
-
 def _dtype(precision: str, device: str):
     import torch
 
@@ -406,7 +384,7 @@ def load_captioner(cfg: RecaptionConfig, storage: StorageConfig | None = None, d
             model = AutoModelForImageTextToText.from_config(config)
         model = model.to(dtype)
     else:
-        path = fetch_local(cfg.model, storage, cfg.cache_dir)
+        path = local_copy(cfg.model, storage, cfg.cache_dir)
         local = os.path.isdir(path)
         model = AutoModelForImageTextToText.from_pretrained(path, revision=None if local else cfg.revision,
                                                             dtype=dtype, local_files_only=local)
@@ -440,7 +418,6 @@ class TransformersCaptioner:
         self.tokenizer = tok
         if tok is not None and not self.encoder_decoder:
             tok.padding_side = "left"  # decoder-only generation continues from the right end
-        self.pad_id = getattr(tok, "pad_token_id", None)
         # Micro-batches are prepared on another thread: it gets its own processor (a fast
         # tokenizer changes its truncation state per call, which two threads must not share),
         # and a lock for when a retry prepares on this thread.
@@ -848,7 +825,7 @@ def vllm_processor_config(cfg: RecaptionConfig, storage: StorageConfig | None = 
     if cfg.revision:
         engine.setdefault("revision", cfg.revision)
     return vLLMEngineProcessorConfig(
-        model_source=fetch_local(cfg.model, storage, cfg.cache_dir),
+        model_source=local_copy(cfg.model, storage, cfg.cache_dir),
         engine_kwargs=engine,
         batch_size=v.batch_size,
         concurrency=v.concurrency,

@@ -44,9 +44,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from operators.base import (DROPPED, FAILED, KEPT, Operator, Resources, mark, model_stage_resources,
                             set_columns)
-from operators.clip import ClipConfig, _fetch_checkpoint, load_clip
+from operators.clip import ClipConfig, load_clip
 from operators.clip import model_report as clip_model_report
-from operators.storage import StorageConfig
+from operators.storage import StorageConfig, local_copy
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ def load_state(module, checkpoint: str | None, what: str, storage: StorageConfig
 
     if checkpoint is None:
         return module
-    path = _fetch_checkpoint(checkpoint, storage, cache_dir)
+    path = local_copy(checkpoint, storage, cache_dir)
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]

@@ -7,7 +7,9 @@ instance role. A config may name an endpoint (MinIO, moto, R2...) and a region.
 from __future__ import annotations
 
 import json
+import os
 import posixpath
+import tempfile
 from functools import lru_cache
 
 import fsspec
@@ -104,3 +106,25 @@ def read_json(path: str, storage: StorageConfig | None = None):
         return None
     with fs.open(p, "rb") as f:
         return json.loads(f.read())
+
+
+def local_copy(spec: str, storage: StorageConfig | None = None, cache_dir: str | None = None) -> str:
+    """A local path for a model or checkpoint spec: ``file://`` and plain paths as they are; an
+    object or a prefix (a directory) in object storage copied once into ``cache_dir`` (default: a
+    temp dir); anything else without a scheme (an HF id, a pretrained tag) unchanged."""
+    if spec.startswith("file://"):
+        return spec[len("file://"):]
+    if "://" not in spec:
+        return spec
+    fs, path = fsspec_fs(spec, storage)
+    cache = cache_dir or os.path.join(tempfile.gettempdir(), "imgcurate-models")
+    local = os.path.join(cache, path.replace("/", "__"))
+    if not os.path.exists(local):
+        os.makedirs(cache, exist_ok=True)
+        tmp = f"{local}.{os.getpid()}.part"
+        if fs.isdir(path):
+            fs.get(path.rstrip("/") + "/", tmp, recursive=True)
+        else:
+            fs.get(path, tmp)
+        os.replace(tmp, local)
+    return local
