@@ -29,23 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.clip_bench import synthetic_jpegs  # noqa: E402
+from benchmarks.reward_bench import make_table  # noqa: E402
 from operators.recaption import RecaptionConfig, Recaptioner, write_tiny_captioner  # noqa: E402
 
 TINY_DIR = str(ROOT / "configs" / "models" / "imgcurate-tiny-captioner")
-
-
-def make_table(jpegs: list[bytes]) -> pa.Table:
-    n = len(jpegs)
-    return pa.table({
-        "sample_id": [f"s{i}" for i in range(n)],
-        "status": ["kept"] * n,
-        "drop_stage": pa.array([None] * n, pa.string()),
-        "drop_reason": pa.array([None] * n, pa.string()),
-        "error_message": pa.array([None] * n, pa.string()),
-        "image": pa.array(jpegs, pa.binary()),
-        "captions": pa.array([[f"alt text {i}"] for i in range(n)], pa.list_(pa.string())),
-        "caption_sources": pa.array([["caption"]] * n, pa.list_(pa.string())),
-    })
 
 
 def timed(cfg: RecaptionConfig, table: pa.Table, batch_rows: int, sync=None) -> tuple[float, int]:
@@ -65,7 +52,7 @@ def timed(cfg: RecaptionConfig, table: pa.Table, batch_rows: int, sync=None) -> 
 
 
 def run(title: str, base: dict, args, sync=None) -> None:
-    table = make_table(synthetic_jpegs(args.n, args.image_px))
+    table = make_table(synthetic_jpegs(args.n, args.image_px), captions_per_image=1)
     single_table = table.slice(0, args.single)
     common = {"enabled": True, "cache": False, "max_new_tokens": args.tokens, "min_new_tokens": args.tokens,
               "prompt": args.prompt, **base}

@@ -24,7 +24,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from operators.base import DROPPED, FAILED, KEPT, Operator, Resources, alive_mask, mark, set_columns
-from operators.netguard import AddressPolicy, DNSFailure, GuardedResolver, SSRFBlocked, parse_ip
+from operators.netguard import AddressPolicy, GuardedResolver, SSRFBlocked, parse_ip
 
 log = logging.getLogger(__name__)
 

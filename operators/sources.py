@@ -10,7 +10,6 @@ every caption and ``caption_sources`` say where each came from. No step holds th
 from __future__ import annotations
 
 import csv
-import gzip
 import hashlib
 import io
 import json
