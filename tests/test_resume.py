@@ -56,7 +56,11 @@ def start_job(cfg_path: Path, ray_address: str) -> subprocess.Popen:
 
 
 def committed_checkpoints(out: Path) -> list[Path]:
-    return [p for p in (out / "_checkpoints").rglob("*.parquet")] if (out / "_checkpoints").exists() else []
+    """Committed checkpoint files. ``*.pending.parquet`` are Ray Data's first phase of a two-phase
+    commit: a resume deletes their data files and does those rows again, so they do not count."""
+    if not (out / "_checkpoints").exists():
+        return []
+    return [p for p in (out / "_checkpoints").rglob("*.parquet") if not p.name.endswith(".pending.parquet")]
 
 
 def wait_quiet(server, quiet_s: float = 2.0, timeout_s: float = 60.0) -> None:
