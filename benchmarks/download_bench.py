@@ -75,18 +75,17 @@ ENCODE_QUALITY = 95
 RESIZE_MODE = "border"
 MiB = 1024 * 1024
 # imgcurate knobs for this run (config keys, as `--set` takes them; measured on 2 cores):
-# - every URL is on one host, so the per-host cap is the global one (128 open requests, as
-#   img2dataset's 2 x 64 threads); one download actor keeps up (~600 URLs/s here);
-# - images run inside the download actor: it holds download.num_cpus 0.5 + images.num_cpus 1.5
-#   = 2 of ray.num_cpus 4 and resizes on at most 2 threads (one per core); the other 2 logical
-#   CPUs go to read and write tasks;
-# - 8 MiB blocks: one block (and one write task) per download call of a 250-row shard; 1 MiB
-#   blocks made a write task per 64-row chunk (more per-task CPU in writes and in the driver);
-# - download.batch_size = plan.shard_rows (added in ours_config): one shard per download call,
-#   so several calls (and resize threads) run at once even at N=2000.
+# - every URL is on one host, so the per-host cap is the global one: 64 open requests per download
+#   actor, 2 actors = 128, as img2dataset's 2 x 64 threads;
+# - two download actors, one per core: each holds download.num_cpus 0.25 + images.num_cpus 0.75 = 1
+#   of ray.num_cpus 4 and resizes on one thread; a single actor was bound by its one GIL (~1.1 cores
+#   busy, ~450 images/s at 20k URLs; two: ~570-620). The other 2 logical CPUs go to write tasks;
+# - download.batch_size stays null (the default): one call per plan shard, and Ray Data fuses the
+#   shard's read into the download actor (same CPUs), so no read tasks are scheduled;
+# - 8 MiB blocks: a write task per ~400 rows (64 MiB blocks did not lower the writers' CPU).
 OURS_TUNING = [
-    "download.concurrency=128", "download.per_host_concurrency=128", "download.pool_min=1", "download.pool_max=1",
-    "images.num_cpus=1.5", "ray.num_cpus=4", "ray.target_max_block_mb=8",
+    "download.concurrency=64", "download.per_host_concurrency=64", "download.pool_min=2", "download.pool_max=2",
+    "download.num_cpus=0.25", "images.num_cpus=0.75", "ray.num_cpus=4", "ray.target_max_block_mb=8",
 ]
 # Environment of imgcurate's job. Ray runs its workers at niceness 15 by default (ray_config_def.h
 # worker_niceness: "so that the OS prioritizes CPU for other processes over worker"), under `ray job
@@ -403,7 +402,7 @@ def ours_config(urls: Path, out: Path, image_size: int, shard_rows: int, overrid
         "images": images,
         "ray": dict(dry["ray"]),
     }
-    for o in [*OURS_TUNING, f"download.batch_size={shard_rows}", *overrides]:
+    for o in [*OURS_TUNING, *overrides]:
         apply_override(data, o)
     load_config(data=data)  # fail here, not in the subprocess, on a bad key
     return data
@@ -426,6 +425,23 @@ def run_ours(work: Path, urls: Path, tag: str, image_size: int, shard_rows: int,
     return {**m, "job_s": t["total_s"] - ray_start_s, "ray_start_s": ray_start_s, "plan_s": plan["seconds"],
             "phase1_s": t["phase1_s"], "successes": manifest["kept"], "samples": manifest["samples"],
             "outcomes": manifest["outcomes"]}
+
+
+# ------------------------------------------------------------------------------ ceiling
+def image_work_ms(images: Path, names: list[str], image_size: int, reps: int = 3) -> float:
+    """CPU milliseconds per image of the image work alone (header, decode, resize, encode, sha256:
+    the OpenCV calls img2dataset's resizer makes too), in this process, over the served images."""
+    from operators.images import ImageConfig, ImageProcessor
+
+    proc = ImageProcessor(ImageConfig(image_size=image_size, resize_mode=RESIZE_MODE, encode_format=ENCODE_FORMAT,
+                                      encode_quality=ENCODE_QUALITY))
+    datas = [(images / name).read_bytes() for name in names]
+    proc._one(datas[0])  # imports and encoder parameters
+    t0 = time.process_time()
+    for _ in range(reps):
+        for d in datas:
+            proc._one(d)
+    return 1000 * (time.process_time() - t0) / (reps * len(datas))
 
 
 # ------------------------------------------------------------------------------ main
@@ -493,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     mem_latency = args.latency_ms if args.memory_latency_ms is None else args.memory_latency_ms
     pairs: list[tuple[dict | None, dict]] = []
     big = big_i2d = None
+    img_ms = None
     try:
         images, names = prepare_images(work)
         for rep in range(args.repeat):
@@ -503,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
                 elif tool == "ours":
                     ours = _measure_ours(images, names, work, args, args.n, "n", args.latency_ms, shard_rows, job_env)
             pairs.append((i2d, ours))
+        img_ms = image_work_ms(images, names, args.image_size)
         if not args.skip_memory:
             if not args.skip_img2dataset:
                 big_i2d = _measure_i2d(images, names, work, args, 10 * args.n, mem_latency)
@@ -512,11 +530,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
     load_after = os.getloadavg()[0]
-    print(report(args, pairs, big, big_i2d, shard_rows, cores, load_before, load_after, mem_latency))
+    print(report(args, pairs, big, big_i2d, shard_rows, cores, load_before, load_after, mem_latency, img_ms))
     return 0
 
 
-def report(args, pairs, big, big_i2d, shard_rows, cores, load_before, load_after, mem_latency) -> str:
+def report(args, pairs, big, big_i2d, shard_rows, cores, load_before, load_after, mem_latency, img_ms) -> str:
     n = args.n
     lines = [
         f"download benchmark: N={n} URLs, latency {args.latency_ms:g} ms, faults {args.fault_rate:.0%}, "
@@ -525,7 +543,7 @@ def report(args, pairs, big, big_i2d, shard_rows, cores, load_before, load_after
         f"  img2dataset {_version('img2dataset')}: {I2D_PROCESSES} processes x {I2D_THREADS} threads, "
         f"retries {RETRIES}, timeout {TIMEOUT_S}s, output parquet",
         f"  imgcurate (ray {_version('ray')}): download/images/ray of configs/dryrun.yaml, no model stages, plan.shard_rows={shard_rows} "
-        f"{' '.join([*OURS_TUNING, f'download.batch_size={shard_rows}', *args.overrides])}, retries {RETRIES}, timeout {TIMEOUT_S}s"
+        f"{' '.join([*OURS_TUNING, *args.overrides])}, retries {RETRIES}, timeout {TIMEOUT_S}s"
         + f"; job environment {' '.join([*OURS_JOB_ENV, *args.job_env])}",
         "",
         f"{'tool':<14} {'job_s':>6} {'images/s':>9} {'wall_s':>7} {'images/s':>9} {'successes':>11} "
@@ -580,6 +598,8 @@ def report(args, pairs, big, big_i2d, shard_rows, cores, load_before, load_after
         lines.append(f"CPU per image, img2dataset / imgcurate: {cpu_ratio:.2f} (above 1: ours spends less CPU per image)")
         lines.append("successes: " + "; ".join(f"imgcurate {b['successes']} vs img2dataset {a['successes']} of {n}"
                                                for a, b in pairs if a))
+    if img_ms:
+        lines.append(ceiling_line(img_ms, cores, [(f"N={n}", i2d, ours)] + ([(f"10N={10 * n}", big_i2d, big)] if big else [])))
     if big:
         n10 = 10 * n
         note = "" if mem_latency == args.latency_ms else f" (server latency {mem_latency:g} ms; config otherwise the same)"
@@ -620,6 +640,21 @@ def report(args, pairs, big, big_i2d, shard_rows, cores, load_before, load_after
                          f"{big_i2d['peak_rss'] / MiB:.0f} MiB (PSS {a['peak_pss'] / MiB:.0f} -> "
                          f"{big_i2d['peak_pss'] / MiB:.0f} MiB)")
     return "\n".join(lines)
+
+
+def ceiling_line(img_ms: float, cores: int, runs: list) -> str:
+    """The most this machine could do if the image work and the sample server were all there was."""
+    out = []
+    for tag, i2d, ours in runs:
+        server_ms = 1000 * ours["server_cpu_s"] / max(ours["successes"], 1)
+        ceiling = 1000 * cores / (img_ms + server_ms)
+        part = f"{tag}: ceiling {ceiling:.0f} images/s, imgcurate at {_rate(ours['successes'], ours['job_s']) / ceiling:.0%}"
+        if i2d:
+            part += f", img2dataset at {_rate(i2d['successes'], i2d['job_s']) / ceiling:.0%}"
+        out.append(part + f" (sample server {server_ms:.2f} ms/img for ours)")
+    return (f"CPU ceiling: the image work alone costs {img_ms:.2f} ms of CPU per image here (decode, resize, "
+            f"encode: the OpenCV calls both tools make); with the sample server's share, {cores} cores allow at "
+            "most: " + "; ".join(out))
 
 
 def _version(pkg: str) -> str:

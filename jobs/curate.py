@@ -101,6 +101,9 @@ def build_pipeline(cfg: JobConfig, ds):
     # threads as images.num_cpus (rounded up).
     d = HttpDownloader.resources(cfg.download)
     im = ImageProcessor.resources(cfg.images)
+    # With download.batch_size null (the default) each call takes one block, a whole sample shard, and
+    # the read fuses into this actor (run_wave gives it the same CPUs): no read tasks to schedule and
+    # no input blocks through the object store.
     ds = ds.map_batches(
         HttpDownloader,
         fn_constructor_kwargs={"config": cfg.download, "then": ImageProcessor(cfg.images),
@@ -108,7 +111,7 @@ def build_pipeline(cfg: JobConfig, ds):
         batch_format="pyarrow", batch_size=d.batch_size, num_cpus=d.num_cpus + im.num_cpus,
         compute=ActorPoolStrategy(
             min_size=d.pool[0], max_size=d.pool[1],
-            max_tasks_in_flight_per_actor=2 * cfg.download.batches_in_flight,
+            max_tasks_in_flight_per_actor=cfg.download.batches_in_flight,
             max_concurrent_calls_per_actor=cfg.download.batches_in_flight, enable_true_multi_threading=True),
     )
     # Model stages: GPU actors (CPU when configured so), in the order each reads the last's columns.
@@ -130,6 +133,14 @@ def build_pipeline(cfg: JobConfig, ds):
                 batch_format="pyarrow", batch_size=r.batch_size, num_cpus=r.num_cpus, num_gpus=r.num_gpus or None,
                 compute=ActorPoolStrategy(min_size=r.pool[0], max_size=r.pool[1]))
     return ds.map_batches(sink_prep, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+
+
+def read_cpus(cfg: JobConfig) -> float | None:
+    """CPUs of a read task: the download actor's when the read fuses into it (Ray Data fuses only
+    operators with the same remote arguments, and only into a call without a fixed batch size)."""
+    if cfg.download.batch_size is not None:
+        return None
+    return HttpDownloader.resources(cfg.download).num_cpus + ImageProcessor.resources(cfg.images).num_cpus
 
 
 def apply_vllm_recaption(ds, rc, storage, cache_root: str):
@@ -180,7 +191,7 @@ def run_wave(cfg: JobConfig, i: int, buckets: list[dict]) -> dict:
     try:
         files = [arrow_fs(f, cfg.storage)[1] for b in buckets for f in b["files"]]
         # One read task (and block) per shard: bounded work per task, parallel downloads.
-        ds = ray.data.read_parquet(files, filesystem=fs, override_num_blocks=len(files))
+        ds = ray.data.read_parquet(files, filesystem=fs, override_num_blocks=len(files), num_cpus=read_cpus(cfg))
         build_pipeline(cfg, ds).write_parquet(data_fs_path, filesystem=fs, **PARQUET_OPTIONS)
     finally:
         ctx.checkpoint_config = None

@@ -9,6 +9,7 @@ with named drop reasons (STYLE.md habit 3).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import ipaddress
 import logging
@@ -57,7 +58,7 @@ class DownloadConfig(BaseModel):
     dns_cache_ttl_s: float = Field(300.0, ge=0)
     # Resources: I/O bound, so a fraction of a CPU each; overridable from config.
     num_cpus: float = Field(0.5, gt=0)
-    batch_size: int = Field(4096, ge=1, description="rows handed to one actor call (a sample shard)")
+    batch_size: int | None = Field(None, ge=1, description="rows handed to one actor call; null: one input block (one sample shard of the plan)")
     yield_rows: int = Field(64, ge=1, description="finished rows passed downstream together")
     pool_min: int = Field(1, ge=1)
     pool_max: int = Field(4, ge=1)
@@ -244,7 +245,7 @@ class HttpDownloader(Operator):
         alive = alive_mask(batch)
         dead = [i for i, a in enumerate(alive) if not a]
         if dead:
-            yield self._finish(self._assemble(batch, dead, {}))
+            yield self._finish(batch, dead, {})
         todo = [i for i, a in enumerate(alive) if a]
         if not todo:
             return
@@ -252,24 +253,27 @@ class HttpDownloader(Operator):
         for i, r in self._stream(batch, todo):
             chunk[i] = r
             if len(chunk) >= self.config.yield_rows:
-                yield self._finish(self._assemble(batch, list(chunk), chunk))
+                yield self._finish(batch, list(chunk), chunk)
                 chunk = {}
         if chunk:
-            yield self._finish(self._assemble(batch, list(chunk), chunk))
+            yield self._finish(batch, list(chunk), chunk)
 
     def process(self, batch: pa.Table) -> pa.Table:
         """All rows at once, in input order (direct use and tests)."""
         todo = [i for i, a in enumerate(alive_mask(batch)) if a]
         results = dict(self._stream(batch, todo)) if todo else {}
-        return self._finish(self._assemble(batch, list(range(batch.num_rows)), results))
+        return self._finish(batch, list(range(batch.num_rows)), results)
 
-    def _finish(self, chunk: pa.Table) -> pa.Table:
+    def _finish(self, batch: pa.Table, idx: list[int], results: dict[int, Fetched]) -> pa.Table:
+        """Rows ``idx`` of ``batch`` with their results, through ``then`` when there is one. A ``then``
+        with ``process_raw`` (the ImageProcessor) takes the bodies as a list: they are not copied into
+        an Arrow column only to be copied out again, and only its output crosses the object store."""
+        raw = getattr(self.then, "process_raw", None)
+        chunk, bodies = self._assemble(batch, idx, results, bodies_column=raw is None)
         if self.then is None:
             return chunk
-        if self._then_slots is None:
-            return self.then(chunk)
-        with self._then_slots:
-            return self.then(chunk)
+        with self._then_slots or contextlib.nullcontext():
+            return raw(chunk, bodies) if raw is not None else self.then(chunk)
 
     def window(self) -> int:
         """Rows of one call downloading or downloaded but not yet taken by the caller."""
@@ -312,20 +316,23 @@ class HttpDownloader(Operator):
 
         await asyncio.gather(*(worker() for _ in range(min(self.config.concurrency, len(items)))))
 
-    def _assemble(self, batch: pa.Table, idx: list[int], results: dict[int, Fetched]) -> pa.Table:
+    def _assemble(self, batch: pa.Table, idx: list[int], results: dict[int, Fetched],
+                  bodies_column: bool = True) -> tuple[pa.Table, list[bytes | None]]:
         sub = batch.take(pa.array(idx, pa.int64()))
         empty = Fetched()
         rows = [results.get(i, empty) for i in idx]
         done = [i in results for i in idx]
+        bodies = [r.body for r in rows]
+        cols = {"image_bytes": pa.array(bodies, pa.binary())} if bodies_column else {}
         sub = set_columns(sub, {
-            "image_bytes": pa.array([r.body for r in rows], pa.binary()),
+            **cols,
             "http_status": pa.array([r.http_status for r in rows], pa.int16()),
             "content_type": pa.array([r.content_type for r in rows], pa.string()),
             "final_url": pa.array([r.final_url for r in rows], pa.string()),
             "download_attempts": pa.array([r.attempts if d else None for r, d in zip(rows, done)], pa.int8()),
             "download_ms": pa.array([r.elapsed_ms for r in rows], pa.float32()),
         })
-        return mark(sub, self.name, [(r.status, r.reason, r.message) if d else None for r, d in zip(rows, done)])
+        return mark(sub, self.name, [(r.status, r.reason, r.message) if d else None for r, d in zip(rows, done)]), bodies
 
     async def _fetch_with_retries(self, url: str) -> Fetched:
         c = self.config

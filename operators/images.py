@@ -68,8 +68,16 @@ class ImageProcessor(Operator):
         return [int(flag), self.config.encode_quality]
 
     def process(self, batch: pa.Table) -> pa.Table:
-        alive = alive_mask(batch)
         raw = batch.column("image_bytes").to_pylist()
+        # Raw downloads are not kept past this stage: only the processed image travels on.
+        return self.process_raw(batch.drop_columns(["image_bytes"]), raw)
+
+    def process_raw(self, batch: pa.Table, raw: list[bytes | None]) -> pa.Table:
+        """``process`` with the downloaded bytes given as a list beside the batch (the download
+        actor hands its bodies over this way: no copy into an Arrow column and back)."""
+        if len(raw) != batch.num_rows:
+            raise ValueError(f"{len(raw)} bodies for {batch.num_rows} rows")
+        alive = alive_mask(batch)
         n = batch.num_rows
         cols = {k: [None] * n for k in self.writes}
         outcomes: list = [None] * n
@@ -86,9 +94,7 @@ class ImageProcessor(Operator):
         types = {"image": pa.binary(), "sha256": pa.string(), "orig_width": pa.int32(), "orig_height": pa.int32(),
                  "width": pa.int32(), "height": pa.int32(), "image_format": pa.string()}
         batch = set_columns(batch, {k: pa.array(v, types[k]) for k, v in cols.items()})
-        batch = mark(batch, self.name, outcomes)
-        # Raw downloads are not kept past this stage: only the processed image travels on.
-        return batch.drop_columns(["image_bytes"])
+        return mark(batch, self.name, outcomes)
 
     def _one(self, data: bytes):
         from PIL import Image, ImageOps
@@ -117,24 +123,21 @@ class ImageProcessor(Operator):
         if max(w, h) / min(w, h) > c.max_aspect_ratio:
             return res, (DROPPED, "aspect_ratio", f"{w}x{h} > {c.max_aspect_ratio}")
         try:
-            stream = io.BytesIO(data)
+            pixels = None  # decoded by Pillow when it must be (orientation, modes OpenCV mishandles)
             orientation = exif_orientation(im, data, fmt)
             if orientation not in (1, None):
-                # Apply EXIF orientation, then hand lossless pixels to the resizer.
                 im = ImageOps.exif_transpose(im)
-                stream = io.BytesIO()
-                im.save(stream, format="PNG")
                 w, h = im.size
                 res.update(orig_width=w, orig_height=h)
+                pixels = im
             if fmt in ("gif", "tiff") or im.mode in ("P", "I;16", "I", "F", "CMYK", "1"):
                 # cv2 cannot read GIF and mishandles some modes: normalise through Pillow.
-                im = im.convert("RGBA" if "A" in im.mode or "transparency" in im.info else "RGB")
-                stream = io.BytesIO()
-                im.save(stream, format="PNG")
+                pixels = im.convert("RGBA" if "A" in im.mode or "transparency" in im.info else "RGB")
             if self._params is None:
                 self._params = self._encode_params()
-            img, width, height = decode_resize_encode(stream.getvalue(), c.resize_mode, c.image_size,
-                                                      c.resize_only_if_bigger, c.encode_format, self._params)
+            img = decode(data) if pixels is None else pil_to_cv(pixels)
+            img, width, height = resize_encode(img, c.resize_mode, c.image_size, c.resize_only_if_bigger,
+                                               c.encode_format, self._params)
         except Exception as exc:  # noqa: BLE001
             return res, (FAILED, "decode_error", f"{type(exc).__name__}: {exc}"[:200])
         res.update(image=img, width=width, height=height)
@@ -152,16 +155,55 @@ def exif_orientation(im, data: bytes, fmt: str) -> int | None:
     return im.getexif().get(0x0112, 1)
 
 
+_CV2_THREADS_SET = False
+
+
+def _cv2():
+    """OpenCV with one thread per call: the caller's threads are the parallelism (set once)."""
+    global _CV2_THREADS_SET
+    import cv2
+
+    if not _CV2_THREADS_SET:
+        cv2.setNumThreads(1)
+        _CV2_THREADS_SET = True
+    return cv2
+
+
+def decode(data: bytes):
+    """Bytes -> BGR, BGRA or gray pixels, as img2dataset's ``cv2.imdecode(..., IMREAD_UNCHANGED)``."""
+    import numpy as np
+
+    img = _cv2().imdecode(np.frombuffer(data, np.uint8), _cv2().IMREAD_UNCHANGED)
+    if img is None:
+        raise ValueError("Image decoding error")
+    return img
+
+
+def pil_to_cv(im):
+    """A Pillow image -> the pixels ``decode`` would give for it saved losslessly (BGR / BGRA / gray)."""
+    import numpy as np
+
+    cv2 = _cv2()
+    if im.mode == "L":
+        return np.asarray(im)
+    if im.mode not in ("RGB", "RGBA"):
+        im = im.convert("RGBA" if "A" in im.mode or "transparency" in im.info else "RGB")
+    arr = np.asarray(im)
+    return cv2.cvtColor(arr, cv2.COLOR_RGBA2BGRA if im.mode == "RGBA" else cv2.COLOR_RGB2BGR)
+
+
 def decode_resize_encode(data: bytes, mode: str, size: int, only_if_bigger: bool, fmt: str,
                          params: list[int]) -> tuple[bytes, int, int]:
     """img2dataset's Resizer semantics with OpenCV calls only. Raises ValueError on bad data."""
-    import cv2
+    return resize_encode(decode(data), mode, size, only_if_bigger, fmt, params)
+
+
+def resize_encode(img, mode: str, size: int, only_if_bigger: bool, fmt: str,
+                  params: list[int]) -> tuple[bytes, int, int]:
+    """Resize decoded pixels as img2dataset's Resizer does, then encode. Raises ValueError."""
     import numpy as np
 
-    cv2.setNumThreads(1)
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise ValueError("Image decoding error")
+    cv2 = _cv2()
     if img.ndim == 3 and img.shape[-1] == 4:  # alpha matting with a white background
         alpha = img[:, :, 3, np.newaxis]
         img = np.rint((alpha / 255 * img[..., :3] + 255 - alpha).clip(0, 255)).astype(np.uint8)

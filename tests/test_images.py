@@ -402,3 +402,41 @@ def test_resize_matches_img2dataset_resizer(mode, only_if_bigger):
         got, gw, gh = decode_resize_encode(data, mode, 128, only_if_bigger, "jpg", params)
         assert (gw, gh) == (ww, wh)
         assert got == want, f"{mode} {only_if_bigger}: output differs from img2dataset's"
+
+
+@pytest.mark.parametrize("make", [
+    lambda: _rgb(40, 30),
+    lambda: _rgb(40, 30).convert("L"),
+    lambda: _rgb(40, 30).convert("RGBA"),
+    lambda: _rgb(40, 30).convert("LA"),
+    lambda: _rgb(40, 30).convert("P"),
+    lambda: _rgb(40, 30).convert("CMYK"),
+], ids=["rgb", "l", "rgba", "la", "p", "cmyk"])
+def test_pil_pixels_equal_a_lossless_round_trip(make):
+    """Images Pillow must decode (EXIF orientation, odd modes) go to OpenCV as pixels: exactly what
+    saving them as PNG and decoding that with OpenCV gave, without the encode and decode."""
+    from operators.images import decode, pil_to_cv
+
+    im = make()
+    ref = im if im.mode in ("RGB", "RGBA", "L", "LA") else im.convert("RGB")
+    want = decode(_encode(ref, "PNG"))
+    got = pil_to_cv(im)
+    if ref.mode == "LA":  # OpenCV reads a gray+alpha PNG as BGRA
+        assert got.shape == want.shape == (30, 40, 4)
+    assert got.dtype == want.dtype and np.array_equal(got, want)
+
+
+def test_process_raw_equals_process(sample_dir):
+    """The download actor hands bodies as a list (``process_raw``): same rows as the column form."""
+    names = ["corrupt-0.jpg"] + sorted(p.name for p in (Path(sample_dir) / "images").iterdir()
+                                       if p.suffix in (".jpg", ".png", ".gif", ".webp"))[:12]
+    datas = [_file(sample_dir, n) for n in names] + [None]
+    status = ["kept"] * (len(datas) - 2) + ["dropped", "kept"]
+    batch = _batch(datas, status=status)
+    proc = ImageProcessor({"image_size": 48})
+    want = proc(batch)
+    got = proc.process_raw(batch.drop_columns(["image_bytes"]), datas)
+    assert got.equals(want)
+    assert got.column("drop_reason").to_pylist()[-1] == "no_bytes"
+    with pytest.raises(ValueError, match="bodies for"):
+        proc.process_raw(batch.drop_columns(["image_bytes"]), datas[:-1])
