@@ -82,10 +82,14 @@ MiB = 1024 * 1024
 #   busy, ~450 images/s at 20k URLs; two: ~570-620). The other 2 logical CPUs go to write tasks;
 # - download.batch_size stays null (the default): one call per plan shard, and Ray Data fuses the
 #   shard's read into the download actor (same CPUs), so no read tasks are scheduled;
-# - 8 MiB blocks: a write task per ~400 rows (64 MiB blocks did not lower the writers' CPU).
+# - 8 MiB blocks: a write task per ~400 rows (64 MiB blocks did not lower the writers' CPU);
+# - images.reduce_on_decode null: img2dataset's exact decode and pixels. The served images are at most
+#   400 px, so a reduced JPEG decode (2x the target after a 1/2 reduction: 1024 px here) would never
+#   apply anyway; pinned so that both tools do the same image work by construction.
 OURS_TUNING = [
     "download.concurrency=64", "download.per_host_concurrency=64", "download.pool_min=2", "download.pool_max=2",
     "download.num_cpus=0.25", "images.num_cpus=0.75", "ray.num_cpus=4", "ray.target_max_block_mb=8",
+    "images.reduce_on_decode=null",
 ]
 # Environment of imgcurate's job. Ray runs its workers at niceness 15 by default (ray_config_def.h
 # worker_niceness: "so that the OS prioritizes CPU for other processes over worker"), under `ray job

@@ -39,6 +39,11 @@ class ImageConfig(BaseModel):
     min_image_size: int = Field(0, ge=0, description="smallest side, pixels")
     max_aspect_ratio: float = Field(float("inf"), gt=0)
     max_pixels: int = Field(89_478_485, gt=0, description="width x height from the header; larger is refused")
+    reduce_on_decode: float | None = Field(
+        2.0, ge=1.0,
+        description="decode a JPEG at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, as Pillow's draft() in "
+                    "thumbnail()) when that scale still leaves at least this many times the target size, then "
+                    "resize as usual; null: always decode in full (img2dataset's exact pixels)")
     num_cpus: float = Field(1.0, gt=0, description="CPUs the download actor adds for image work (it runs there)")
     batch_size: int = Field(64, ge=1, description="rows per call of the function form; the job uses download.yield_rows")
 
@@ -135,9 +140,11 @@ class ImageProcessor(Operator):
                 pixels = im.convert("RGBA" if "A" in im.mode or "transparency" in im.info else "RGB")
             if self._params is None:
                 self._params = self._encode_params()
-            img = decode(data) if pixels is None else pil_to_cv(pixels)
+            factor = reduction_factor(w, h, c) if pixels is None and fmt == "jpeg" else 1
+            img = decode(data, factor, gray=im.mode == "L") if pixels is None else pil_to_cv(pixels)
             img, width, height = resize_encode(img, c.resize_mode, c.image_size, c.resize_only_if_bigger,
-                                               c.encode_format, self._params)
+                                               c.encode_format, self._params,
+                                               orig_size=(h, w) if factor > 1 else None)
         except Exception as exc:  # noqa: BLE001
             return res, (FAILED, "decode_error", f"{type(exc).__name__}: {exc}"[:200])
         res.update(image=img, width=width, height=height)
@@ -169,11 +176,35 @@ def _cv2():
     return cv2
 
 
-def decode(data: bytes):
-    """Bytes -> BGR, BGRA or gray pixels, as img2dataset's ``cv2.imdecode(..., IMREAD_UNCHANGED)``."""
+def reduction_factor(width: int, height: int, c: ImageConfig) -> int:
+    """1, 2, 4 or 8: the largest JPEG decode reduction that leaves the side the resize mode scales
+    to at least ``reduce_on_decode`` times the target (1 when nothing would be resized down)."""
+    if c.reduce_on_decode is None or c.resize_mode == "no":
+        return 1
+    side = min(width, height) if c.resize_mode in ("keep_ratio", "center_crop") else max(width, height)
+    if side <= c.image_size:
+        return 1
+    for f in (8, 4, 2):
+        if side / f >= c.image_size * c.reduce_on_decode:
+            return f
+    return 1
+
+
+def decode(data: bytes, factor: int = 1, gray: bool = False):
+    """Bytes -> BGR, BGRA or gray pixels, as img2dataset's ``cv2.imdecode(..., IMREAD_UNCHANGED)``;
+    ``factor`` 2, 4 or 8 decodes a JPEG at that reduced scale (color or ``gray``, EXIF ignored as
+    IMREAD_UNCHANGED ignores it)."""
     import numpy as np
 
-    img = _cv2().imdecode(np.frombuffer(data, np.uint8), _cv2().IMREAD_UNCHANGED)
+    cv2 = _cv2()
+    if factor == 1:
+        flags = cv2.IMREAD_UNCHANGED
+    else:
+        flags = {(2, False): cv2.IMREAD_REDUCED_COLOR_2, (4, False): cv2.IMREAD_REDUCED_COLOR_4,
+                 (8, False): cv2.IMREAD_REDUCED_COLOR_8, (2, True): cv2.IMREAD_REDUCED_GRAYSCALE_2,
+                 (4, True): cv2.IMREAD_REDUCED_GRAYSCALE_4, (8, True): cv2.IMREAD_REDUCED_GRAYSCALE_8}[factor, gray]
+        flags |= cv2.IMREAD_IGNORE_ORIENTATION
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     if img is None:
         raise ValueError("Image decoding error")
     return img
@@ -199,15 +230,17 @@ def decode_resize_encode(data: bytes, mode: str, size: int, only_if_bigger: bool
 
 
 def resize_encode(img, mode: str, size: int, only_if_bigger: bool, fmt: str,
-                  params: list[int]) -> tuple[bytes, int, int]:
-    """Resize decoded pixels as img2dataset's Resizer does, then encode. Raises ValueError."""
+                  params: list[int], orig_size: tuple[int, int] | None = None) -> tuple[bytes, int, int]:
+    """Resize decoded pixels as img2dataset's Resizer does, then encode. Raises ValueError.
+    ``orig_size`` (height, width): the image's size before a reduced decode; the output size and
+    filter are those of the full image."""
     import numpy as np
 
     cv2 = _cv2()
     if img.ndim == 3 and img.shape[-1] == 4:  # alpha matting with a white background
         alpha = img[:, :, 3, np.newaxis]
         img = np.rint((alpha / 255 * img[..., :3] + 255 - alpha).clip(0, 255)).astype(np.uint8)
-    h, w = img.shape[:2]
+    h, w = orig_size or img.shape[:2]
     if mode in ("keep_ratio", "center_crop"):
         side = min(h, w)
     elif mode in ("border", "keep_ratio_largest"):
@@ -218,7 +251,7 @@ def resize_encode(img, mode: str, size: int, only_if_bigger: bool, fmt: str,
         interp = cv2.INTER_AREA if side > size else cv2.INTER_LANCZOS4
         scale = size / side
         nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-        if (nh, nw) != (h, w):
+        if (nh, nw) != img.shape[:2]:
             img = cv2.resize(img, (nw, nh), interpolation=interp)
         h, w = img.shape[:2]
         if mode == "center_crop":

@@ -440,3 +440,58 @@ def test_process_raw_equals_process(sample_dir):
     assert got.column("drop_reason").to_pylist()[-1] == "no_bytes"
     with pytest.raises(ValueError, match="bodies for"):
         proc.process_raw(batch.drop_columns(["image_bytes"]), datas[:-1])
+
+
+# --- reduced JPEG decode (images.reduce_on_decode) ------------------------------------------
+def _photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Smooth content with edges and a little noise: a stand-in for a photo."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([128 + 100 * np.sin(x / (37 + 7 * k) + y / (53 + 5 * k) + k) for k in range(3)], -1)
+    base[(x // 97 + y // 89) % 3 == 0] *= 0.6
+    base += rng.normal(0, 4, base.shape)
+    return Image.fromarray(base.clip(0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("w,h,mode,gap,want", [
+    (1024, 768, "border", 2.0, 2), (1023, 768, "border", 2.0, 1), (2048, 600, "border", 2.0, 4),
+    (4096, 4096, "center_crop", 2.0, 8), (8192, 8192, "border", 2.0, 8), (4096, 700, "center_crop", 2.0, 1),
+    (4096, 1400, "keep_ratio", 2.0, 2), (4096, 4096, "no", 2.0, 1), (4096, 4096, "border", None, 1),
+    (600, 400, "border", 1.0, 2), (200, 100, "border", 1.0, 1),
+])
+def test_reduction_factor(w, h, mode, gap, want):
+    from operators.images import reduction_factor
+
+    cfg = ImageConfig(image_size=256, resize_mode=mode, reduce_on_decode=gap)
+    assert reduction_factor(w, h, cfg) == want
+
+
+@pytest.mark.parametrize("mode", ["border", "keep_ratio", "center_crop", "keep_ratio_largest"])
+@pytest.mark.parametrize("gray", [False, True])
+def test_reduced_decode_matches_full_decode(mode, gray):
+    """A big JPEG decoded at reduced scale gives the same geometry and nearly the same pixels as
+    img2dataset's full decode (the DCT reduction is itself an area-like low-pass filter)."""
+    im = _photo(1601, 1203)
+    if gray:
+        im = im.convert("L")
+    data = _encode(im, "JPEG", quality=92)
+    full = _one(data, image_size=256, resize_mode=mode, reduce_on_decode=None)
+    fast = _one(data, image_size=256, resize_mode=mode, reduce_on_decode=2.0)
+    assert full["status"] == fast["status"] == "kept"
+    assert (fast["width"], fast["height"]) == (full["width"], full["height"])
+    assert (fast["orig_width"], fast["orig_height"]) == (1601, 1203)
+    a = np.asarray(_decoded(full), np.float32)
+    b = np.asarray(_decoded(fast), np.float32)
+    assert a.shape == b.shape and _decoded(fast).mode == ("L" if gray else "RGB")
+    mse = float(np.mean((a - b) ** 2))
+    psnr = 10 * np.log10(255 ** 2 / max(mse, 1e-9))
+    assert psnr > 32, psnr
+    assert fast["image"] != full["image"]  # the reduced path did run
+
+
+def test_reduced_decode_only_for_jpeg():
+    """PNG and WebP have no DCT scaling: they decode in full, output identical to reduce_on_decode null."""
+    for fmt in ("PNG", "WEBP"):
+        data = _encode(_photo(1200, 900), fmt)
+        assert (_one(data, image_size=128, reduce_on_decode=2.0)["image"]
+                == _one(data, image_size=128, reduce_on_decode=None)["image"])
