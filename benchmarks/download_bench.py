@@ -83,13 +83,14 @@ MiB = 1024 * 1024
 # - download.batch_size stays null (the default): one call per plan shard, and Ray Data fuses the
 #   shard's read into the download actor (same CPUs), so no read tasks are scheduled;
 # - 8 MiB blocks: a write task per ~400 rows (64 MiB blocks did not lower the writers' CPU);
+# - download.max_bytes 20 MB (the config default; the dry run caps at 2 MB): img2dataset has no cap;
 # - images.reduce_on_decode null: img2dataset's exact decode and pixels. The served images are at most
 #   400 px, so a reduced JPEG decode (2x the target after a 1/2 reduction: 1024 px here) would never
 #   apply anyway; pinned so that both tools do the same image work by construction.
 OURS_TUNING = [
     "download.concurrency=64", "download.per_host_concurrency=64", "download.pool_min=2", "download.pool_max=2",
     "download.num_cpus=0.25", "images.num_cpus=0.75", "ray.num_cpus=4", "ray.target_max_block_mb=8",
-    "images.reduce_on_decode=null",
+    "images.reduce_on_decode=null", "download.max_bytes=20000000",
 ]
 # Environment of imgcurate's job. Ray runs its workers at niceness 15 by default (ray_config_def.h
 # worker_niceness: "so that the OS prioritizes CPU for other processes over worker"), under `ray job
@@ -321,15 +322,33 @@ class ServerProc:
 
 
 # ------------------------------------------------------------------------------ inputs
-def prepare_images(work: Path) -> tuple[Path, list[str]]:
+def prepare_images(work: Path, photos: bool = False) -> tuple[Path, list[str]]:
     from jobs.sample_data import generate_images, good_image_names
 
+    if photos:
+        return prepare_photos(work)
     images = work / "images"
     marker = images / ".bench-generated"
     if not marker.exists():
         generate_images(str(images), n_good=N_IMAGES, seed=0)
         marker.write_text("ok\n")
     return images, good_image_names(N_IMAGES)
+
+
+def prepare_photos(work: Path, n: int = 64) -> tuple[Path, list[str]]:
+    """Photo-like JPEGs at web and camera sizes (benchmarks/image_bench.py's generator and size mix)."""
+    from benchmarks.image_bench import SIZES, photo
+
+    images = work / "photos"
+    names = [f"photo-{i:03d}.jpg" for i in range(n)]
+    marker = images / ".bench-generated"
+    if not marker.exists():
+        images.mkdir(parents=True, exist_ok=True)
+        for i, name in enumerate(names):
+            w, h = SIZES[i % len(SIZES)]
+            photo(*((h, w) if i % 2 else (w, h)), seed=i).save(images / name, "JPEG", quality=90)
+        marker.write_text("ok\n")
+    return images, names
 
 
 def write_urls(path: Path, base_url: str, n: int, names: list[str]) -> Path:
@@ -406,7 +425,7 @@ def ours_config(urls: Path, out: Path, image_size: int, shard_rows: int, overrid
         "images": images,
         "ray": dict(dry["ray"]),
     }
-    for o in [*OURS_TUNING, *overrides]:
+    for o in [*OURS_TUNING, *overrides]:  # (--photos adds images.reduce_on_decode=2.0 to overrides)
         apply_override(data, o)
     load_config(data=data)  # fail here, not in the subprocess, on a bad key
     return data
@@ -432,13 +451,14 @@ def run_ours(work: Path, urls: Path, tag: str, image_size: int, shard_rows: int,
 
 
 # ------------------------------------------------------------------------------ ceiling
-def image_work_ms(images: Path, names: list[str], image_size: int, reps: int = 3) -> float:
-    """CPU milliseconds per image of the image work alone (header, decode, resize, encode, sha256:
-    the OpenCV calls img2dataset's resizer makes too), in this process, over the served images."""
+def image_work_ms(images: Path, names: list[str], image_size: int, reduce_on_decode: float | None,
+                  reps: int = 3) -> float:
+    """CPU milliseconds per image of imgcurate's image work alone, as this run configures it (header,
+    decode, resize, encode, sha256), in this process, over the served images."""
     from operators.images import ImageConfig, ImageProcessor
 
     proc = ImageProcessor(ImageConfig(image_size=image_size, resize_mode=RESIZE_MODE, encode_format=ENCODE_FORMAT,
-                                      encode_quality=ENCODE_QUALITY))
+                                      encode_quality=ENCODE_QUALITY, reduce_on_decode=reduce_on_decode))
     datas = [(images / name).read_bytes() for name in names]
     proc._one(datas[0])  # imports and encoder parameters
     t0 = time.process_time()
@@ -492,6 +512,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="server latency for the 10N runs (default: --latency-ms)")
     p.add_argument("--work-dir", default=None, help="kept afterwards; default: a temporary folder, removed")
     p.add_argument("--skip-img2dataset", action="store_true", help="run ours only (tuning)")
+    p.add_argument("--photos", action="store_true",
+                   help="serve 64 photo-like JPEGs of 500-3000 px (image_bench.py's mix) instead of the dry-run "
+                        "sample (<= 400 px), and let imgcurate use its default reduced JPEG decode "
+                        "(images.reduce_on_decode 2: not img2dataset's exact pixels, PSNR ~43-47 dB against them)")
     p.add_argument("--job-env", dest="job_env", action="append", default=[], metavar="NAME=VALUE",
                    help="environment variable for imgcurate's job process (and so its local Ray), e.g. a Ray Data knob")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -499,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.n < 1 or args.repeat < 1:
         p.error("--n and --repeat must be >= 1")
+    if args.photos:
+        args.overrides = ["images.reduce_on_decode=2.0", *args.overrides]
     bad_env = [kv for kv in args.job_env if "=" not in kv]
     if bad_env:
         p.error(f"--job-env expects NAME=VALUE, got {bad_env}")
@@ -515,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     big = big_i2d = None
     img_ms = None
     try:
-        images, names = prepare_images(work)
+        images, names = prepare_images(work, args.photos)
         for rep in range(args.repeat):
             i2d = ours = None
             for tool in (("i2d", "ours") if rep % 2 == 0 else ("ours", "i2d")):
@@ -524,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
                 elif tool == "ours":
                     ours = _measure_ours(images, names, work, args, args.n, "n", args.latency_ms, shard_rows, job_env)
             pairs.append((i2d, ours))
-        img_ms = image_work_ms(images, names, args.image_size)
+        img_ms = image_work_ms(images, names, args.image_size, 2.0 if args.photos else None)
         if not args.skip_memory:
             if not args.skip_img2dataset:
                 big_i2d = _measure_i2d(images, names, work, args, 10 * args.n, mem_latency)
@@ -544,6 +570,9 @@ def report(args, pairs, big, big_i2d, shard_rows, cores, load_before, load_after
         f"download benchmark: N={n} URLs, latency {args.latency_ms:g} ms, faults {args.fault_rate:.0%}, "
         f"image_size {args.image_size} {RESIZE_MODE} {ENCODE_FORMAT} q{ENCODE_QUALITY}, {cores} cores "
         f"(1-min load average {load_before:.1f} before, {load_after:.1f} after)",
+        "  images served: " + ("64 photo-like JPEGs, 500-3000 px (--photos); imgcurate decodes big JPEGs at reduced "
+                               "scale (images.reduce_on_decode 2.0)" if args.photos else
+                               f"the dry-run sample's {N_IMAGES} images (<= 400 px); both tools do the same image work"),
         f"  img2dataset {_version('img2dataset')}: {I2D_PROCESSES} processes x {I2D_THREADS} threads, "
         f"retries {RETRIES}, timeout {TIMEOUT_S}s, output parquet",
         f"  imgcurate (ray {_version('ray')}): download/images/ray of configs/dryrun.yaml, no model stages, plan.shard_rows={shard_rows} "
@@ -656,9 +685,9 @@ def ceiling_line(img_ms: float, cores: int, runs: list) -> str:
         if i2d:
             part += f", img2dataset at {_rate(i2d['successes'], i2d['job_s']) / ceiling:.0%}"
         out.append(part + f" (sample server {server_ms:.2f} ms/img for ours)")
-    return (f"CPU ceiling: the image work alone costs {img_ms:.2f} ms of CPU per image here (decode, resize, "
-            f"encode: the OpenCV calls both tools make); with the sample server's share, {cores} cores allow at "
-            "most: " + "; ".join(out))
+    return (f"CPU ceiling: imgcurate's image work alone costs {img_ms:.2f} ms of CPU per image here (header, "
+            f"decode, resize, encode, sha256, measured in this process); with the sample server's share, {cores} "
+            "cores allow at most: " + "; ".join(out))
 
 
 def _version(pkg: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import functools
 import ipaddress
 import logging
 import queue
@@ -144,6 +145,18 @@ def parse_retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+@functools.lru_cache(maxsize=65536)
+def _literal_host(hostname: str):
+    """(address, canonical spelling or None when already canonical) for an IP-literal host, else (None, None)."""
+    literal = parse_ip(hostname)
+    if literal is None:
+        return None, None
+    text = str(literal)
+    if text == hostname.strip("[]"):
+        return literal, None
+    return literal, f"[{text}]" if literal.version == 6 else text
 
 
 class HttpDownloader(Operator):
@@ -362,16 +375,15 @@ class HttpDownloader(Operator):
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 return Fetched(status=FAILED, reason="bad_redirect" if current != url else "invalid_url",
                                message=f"not an http(s) URL: {current[:200]}", final_url=current)
-            literal = parse_ip(parts.hostname)
+            literal, canonical = _literal_host(parts.hostname)
             if literal is not None:
                 forbidden = self.policy.check(literal)
                 if forbidden is not None:
                     return Fetched(status=DROPPED, reason="ssrf_blocked",
                                    message=f"{parts.hostname} is {forbidden.value}", final_url=current)
-                if str(literal) != parts.hostname.strip("[]"):
+                if canonical is not None:
                     # Odd spelling (127.1, 0x7f000001): use the canonical address.
-                    host = f"[{literal}]" if literal.version == 6 else str(literal)
-                    current = parts._replace(netloc=host + (f":{parts.port}" if parts.port else "")).geturl()
+                    current = parts._replace(netloc=canonical + (f":{parts.port}" if parts.port else "")).geturl()
             try:
                 async with self._session.get(current, allow_redirects=False) as resp:
                     if resp.status in REDIRECT_CODES:

@@ -10,6 +10,7 @@ connected address (no time-of-check/time-of-use gap). Host spellings that C reso
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import socket
 import time
@@ -104,7 +105,12 @@ class AddressPolicy:
         return False  # link-local, metadata, multicast, reserved: never
 
     def check(self, addr) -> AddressClass | None:
-        """None if allowed, else the forbidden class."""
+        """None if allowed, else the forbidden class. Memoised: a crawl checks the same few addresses
+        (a host's resolved addresses, a literal host) for every request, and ``ipaddress``'s class
+        properties are slow."""
+        return _check(self, addr)
+
+    def _check(self, addr) -> AddressClass | None:
         if isinstance(addr, str):
             addr = parse_ip(addr) or addr
         if self.allow_networks and not isinstance(addr, str):
@@ -112,6 +118,11 @@ class AddressPolicy:
                 return None
         cls = classify(addr)
         return None if self.allowed(cls) else cls
+
+
+@functools.lru_cache(maxsize=65536)
+def _check(policy: AddressPolicy, addr) -> AddressClass | None:
+    return policy._check(addr)
 
 
 class SSRFBlocked(OSError):
