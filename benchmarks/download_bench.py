@@ -2,12 +2,15 @@
 
     python benchmarks/download_bench.py --n 2000 [--latency-ms 50 --fault-rate 0.1 --image-size 256]
         [--repeat K] [--skip-memory] [--memory-latency-ms MS] [--work-dir DIR]
-        [--set KEY=VALUE ...] [--job-env NAME=VALUE ...] [--skip-img2dataset]
+        [--set KEY=VALUE ...] [--job-env NAME=VALUE ...] [--skip-img2dataset] [--photos]
 
 A local sample server (``python -m jobs.sample_server``, its own process, 127.0.0.1 only) serves
 N distinct URLs (``/img/NAME?i=K``, cycling through a few hundred generated images) with a fixed
 latency per request and a fraction of faults (HTTP 500 or a dropped connection, drawn per request,
-so a retry can succeed). A fresh server with the same seed serves each run.
+so a retry can succeed). A fresh server with the same seed serves each run. The images are the dry
+run's sample (at most 400 px, where both tools do the same image work), or with ``--photos`` 64
+photo-like JPEGs of 500-3000 px (web and camera sizes), where imgcurate's default reduced JPEG
+decode applies (``images.reduce_on_decode``; not img2dataset's exact pixels, PSNR ~43-47 dB).
 
 - img2dataset runs ``download(...)`` in a subprocess: 2 processes, 64 threads each, retries=2,
   timeout=10, the same image_size / resize_mode / encode_format / encode_quality as ours.
