@@ -53,6 +53,9 @@ class PlanConfig(BaseModel):
     wave_max_samples: int = Field(10_000_000, ge=1, description="phase 1 runs in waves of at most this many samples")
     shard_rows: int = Field(4096, ge=1, description="samples per sample shard (one phase-1 read task)")
     scatter_flush_rows: int = Field(200_000, ge=1)
+    local_max_bytes: int = Field(8 * 1024 * 1024, ge=0,
+                                 description="input files totalling at most this many bytes are planned in the "
+                                             "driver process (the same code, no Ray tasks); 0: always Ray tasks")
 
 
 class RayConfig(BaseModel):
@@ -87,10 +90,25 @@ class JobConfig(BaseModel):
     ray: RayConfig = RayConfig()
 
     def fingerprint(self, *sections: str) -> str:
-        """A hash of the named sections: an output is resumed only by the same config."""
-        data = self.model_dump(mode="json")
+        """A hash of the named sections: an output is resumed only by the same config. Keys that say
+        how much runs at once and where (``RESOURCE_KEYS``) are left out: a resume may scale the
+        actor pools or change batch sizes without changing what is written."""
+        data = _without_resource_keys(self.model_dump(mode="json"))
         picked = {s: data[s] for s in sections} if sections else data
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Config keys (in any section) that change how the work is scheduled, not its output.
+RESOURCE_KEYS = frozenset({"num_cpus", "num_gpus", "pool_min", "pool_max", "batch_size", "micro_batch",
+                           "batches_in_flight", "yield_rows", "scatter_flush_rows", "local_max_bytes"})
+
+
+def _without_resource_keys(node):
+    if isinstance(node, dict):
+        return {k: _without_resource_keys(v) for k, v in node.items() if k not in RESOURCE_KEYS}
+    if isinstance(node, list):
+        return [_without_resource_keys(v) for v in node]
+    return node
 
 
 def _parse_value(text: str) -> Any:

@@ -53,16 +53,23 @@ def run_plan(cfg: JobConfig) -> dict:
     if fs.exists(sp):  # leftovers of an interrupted plan: start the shuffle over
         fs.rm(sp, recursive=True)
     nb = cfg.plan.num_buckets
-    scatter = ray.remote(num_cpus=1, max_retries=3)(scatter_file)
-    refs = [scatter.remote(i, f, cfg.input, cfg.storage, scatter_dir, nb, cfg.plan.scatter_flush_rows)
-            for i, f in enumerate(files)]
-    file_stats = ray.get(refs)
+    local = is_small_input(files, cfg)
+    scatter_args = [(i, f, cfg.input, cfg.storage, scatter_dir, nb, cfg.plan.scatter_flush_rows)
+                    for i, f in enumerate(files)]
+    if local:  # a small input: the same functions in this process, without task and worker start-up costs
+        file_stats = [scatter_file(*a) for a in scatter_args]
+    else:
+        scatter = ray.remote(num_cpus=1, max_retries=3)(scatter_file)
+        file_stats = ray.get([scatter.remote(*a) for a in scatter_args])
     extra = unify_extra_schema([pa.ipc.read_schema(pa.py_buffer(s["extra_schema"])) for s in file_stats])
     samples_dir = join(pdir, "samples")
-    merge = ray.remote(num_cpus=1, max_retries=3)(merge_bucket)
-    bucket_stats = ray.get([merge.remote(b, scatter_dir, bucket_dir(samples_dir, b), extra, cfg.storage,
-                                         cfg.plan.shard_rows)
-                            for b in range(nb)])
+    merge_args = [(b, scatter_dir, bucket_dir(samples_dir, b), extra, cfg.storage, cfg.plan.shard_rows)
+                  for b in range(nb)]
+    if local:
+        bucket_stats = [merge_bucket(*a) for a in merge_args]
+    else:
+        merge = ray.remote(num_cpus=1, max_retries=3)(merge_bucket)
+        bucket_stats = ray.get([merge.remote(*a) for a in merge_args])
     fs.rm(sp, recursive=True)
     manifest = {
         "version": PLAN_VERSION,
@@ -75,11 +82,33 @@ def run_plan(cfg: JobConfig) -> dict:
                      "files": b["files"]} for b in bucket_stats],
         "extra_columns": [f.name for f in extra],
         "seconds": round(time.time() - t0, 3),
+        "where": "driver" if local else "ray tasks",
     }
     write_json_atomic(join(pdir, "_PLAN.json"), manifest, cfg.storage)
-    log.info("plan: %d input rows -> %d samples (%d without a usable URL) in %.1fs",
-             manifest["input_rows"], manifest["samples"], manifest["invalid_urls"], manifest["seconds"])
+    log.info("plan: %d input rows -> %d samples (%d without a usable URL) in %.1fs (%s)",
+             manifest["input_rows"], manifest["samples"], manifest["invalid_urls"], manifest["seconds"],
+             manifest["where"])
     return manifest
+
+
+def is_small_input(files: list[str], cfg: JobConfig) -> bool:
+    """Whether the input files total at most ``plan.local_max_bytes`` (an unknown size counts as large)."""
+    limit = cfg.plan.local_max_bytes
+    if limit <= 0:
+        return False
+    total = 0
+    for f in files:
+        fs, p = fsspec_fs(f, cfg.storage)
+        try:
+            size = fs.size(p)
+        except (OSError, ValueError):
+            return False
+        if size is None:
+            return False
+        total += size
+        if total > limit:
+            return False
+    return True
 
 
 def waves_of(plan: dict, max_samples: int) -> list[list[dict]]:

@@ -185,6 +185,20 @@ def test_fingerprint_follows_the_sections(tmp_path):
     assert a.fingerprint() != b.fingerprint()
 
 
+def test_fingerprint_ignores_resource_keys(tmp_path):
+    """A resume may scale pools or change batch sizes; what is written must still match."""
+    path = _write(tmp_path, GOOD)
+    a = load_config(path)
+    sections = ("input", "plan", "download", "images", "clip", "reward")
+    for o in ["download.pool_max=9", "download.num_cpus=2", "download.batch_size=100", "images.num_cpus=3",
+              "clip.batch_size=7", "reward.micro_batch=5", "plan.local_max_bytes=0", "plan.scatter_flush_rows=10",
+              "download.batches_in_flight=9", "download.yield_rows=3"]:
+        assert load_config(path, [o]).fingerprint(*sections) == a.fingerprint(*sections), o
+    for o in ["images.image_size=97", "images.reduce_on_decode=null", "download.retries=5", "plan.shard_rows=7",
+              "plan.num_buckets=3", "clip.min_score=0.2"]:
+        assert load_config(path, [o]).fingerprint(*sections) != a.fingerprint(*sections), o
+
+
 # --- bundled configs ------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["dryrun.yaml", "laion-style.yaml"])
 def test_bundled_configs_validate(name):

@@ -122,3 +122,64 @@ def test_clip_top_fraction_over_the_whole_run(ray_session, image_server, tmp_pat
     kept = side.filter(pc.equal(side.column("status"), "kept")).num_rows
     assert kept == sel["kept"] == sum(s >= want for s in scores)
     assert manifest["models"]["clip"]["random_weights"] is True
+
+
+def _plan_rows(out: str, storage=None) -> tuple[dict, list]:
+    """The committed plan and its sample shards' rows (sorted by sample_id), shard by shard."""
+    from jobs.plan import load_plan
+    from operators.storage import arrow_fs
+
+    plan = load_plan(job_config("unused.csv", out, storage=storage or {}))
+    shards = []
+    for b in plan["buckets"]:
+        for f in b["files"]:
+            fs, p = arrow_fs(f, job_config("unused.csv", out, storage=storage or {}).storage)
+            with fs.open_input_file(p) as fh:
+                t = pq.read_table(fh)
+            shards.append(sorted(t.to_pylist(), key=lambda r: r["sample_id"]))
+    return plan, sorted(shards, key=lambda rows: rows[0]["sample_id"] if rows else "")
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_plan_in_the_driver_equals_plan_in_ray_tasks(ray_session, image_server, s3_server, s3fs_client, tmp_path,
+                                                     where):
+    """A small input is planned in the driver process (plan.local_max_bytes); the shards are the
+    same as Ray tasks make: same samples, captions, reasons, shard boundaries and counts."""
+    from jobs.plan import run_plan
+
+    cases = sample_cases(N_GOOD)
+    half = len(cases) // 2
+    a = write_url_list(cases[:half] + cases[:5], image_server.base_url, str(tmp_path / "a.csv"))
+    b = write_url_list(cases[half:], image_server.base_url, str(tmp_path / "b.jsonl"), fmt="jsonl")
+    storage = {}
+    inputs, outs = [a, b], [str(tmp_path / "driver"), str(tmp_path / "tasks")]
+    if where == "s3":
+        s3fs_client.mkdir("plan-in")
+        s3fs_client.put(a, "plan-in/a.csv")
+        s3fs_client.put(b, "plan-in/b.jsonl")
+        storage = {"endpoint_url": s3_server}
+        inputs, outs = ["s3://plan-in/a.csv", "s3://plan-in/b.jsonl"], ["s3://plan-out/driver", "s3://plan-out/tasks"]
+        s3fs_client.mkdir("plan-out")
+    plans = []
+    for out, limit in zip(outs, [8 << 20, 0]):
+        cfg = job_config(inputs, out, storage=storage, plan={"num_buckets": 4, "shard_rows": 16,
+                                                             "local_max_bytes": limit})
+        plans.append(run_plan(cfg))
+    assert [p["where"] for p in plans] == ["driver", "ray tasks"]
+    (p1, rows1), (p2, rows2) = _plan_rows(outs[0], storage), _plan_rows(outs[1], storage)
+    assert rows1 == rows2 and sum(len(r) for r in rows1) == p1["samples"] > 0
+    for k in ("input_rows", "samples", "invalid_urls", "extra_columns"):
+        assert p1[k] == p2[k], k
+    assert [b["samples"] for b in p1["buckets"]] == [b["samples"] for b in p2["buckets"]]
+
+
+def test_small_input_threshold(tmp_path):
+    from jobs.plan import is_small_input
+
+    f = tmp_path / "u.csv"
+    f.write_text("url\n" + "http://127.0.0.1/x.jpg\n" * 100)
+    size = f.stat().st_size
+    assert is_small_input([str(f)], job_config(str(f), str(tmp_path / "o"), plan={"local_max_bytes": size}))
+    assert not is_small_input([str(f), str(f)], job_config(str(f), str(tmp_path / "o"),
+                                                           plan={"local_max_bytes": size}))
+    assert not is_small_input([str(f)], job_config(str(f), str(tmp_path / "o"), plan={"local_max_bytes": 0}))
