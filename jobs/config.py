@@ -194,7 +194,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     rc = cfg.recaption
     if rc.enabled and rc.model_config_path:
         rc.model_config_path = _local_file(rc.model_config_path, "recaption.model_config_path")
-    if rc.enabled and rc.model and not rc.model.startswith(("s3://", "file://")) and rc.model.startswith((".", "/")):
+    if rc.enabled and rc.model and rc.model.startswith((".", "/")):  # a local dir, not an HF id, file:// or s3://
         rc.model = _local_file(rc.model, "recaption.model")
     if cfg.selection.reward_top_fraction is not None and not r.enabled:
         raise ConfigError(f"bad value for 'selection.reward_top_fraction': {cfg.selection.reward_top_fraction!r} "

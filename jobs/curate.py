@@ -100,15 +100,14 @@ def build_pipeline(cfg: JobConfig, ds):
     # pays per-task overhead. The actor holds the CPUs of both and resizes on at most as many
     # threads as images.num_cpus (rounded up).
     d = HttpDownloader.resources(cfg.download)
-    im = ImageProcessor.resources(cfg.images)
     # With download.batch_size null (the default) each call takes one block, a whole sample shard, and
     # the read fuses into this actor (run_wave gives it the same CPUs): no read tasks to schedule and
     # no input blocks through the object store.
     ds = ds.map_batches(
         HttpDownloader,
         fn_constructor_kwargs={"config": cfg.download, "then": ImageProcessor(cfg.images),
-                               "then_threads": max(1, math.ceil(im.num_cpus))},
-        batch_format="pyarrow", batch_size=d.batch_size, num_cpus=d.num_cpus + im.num_cpus,
+                               "then_threads": max(1, math.ceil(ImageProcessor.resources(cfg.images).num_cpus))},
+        batch_format="pyarrow", batch_size=d.batch_size, num_cpus=download_actor_cpus(cfg),
         compute=ActorPoolStrategy(
             min_size=d.pool[0], max_size=d.pool[1],
             max_tasks_in_flight_per_actor=cfg.download.batches_in_flight,
@@ -135,12 +134,15 @@ def build_pipeline(cfg: JobConfig, ds):
     return ds.map_batches(sink_prep, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
 
 
+def download_actor_cpus(cfg: JobConfig) -> float:
+    """CPUs one download actor holds: its downloads and the image work it runs."""
+    return HttpDownloader.resources(cfg.download).num_cpus + ImageProcessor.resources(cfg.images).num_cpus
+
+
 def read_cpus(cfg: JobConfig) -> float | None:
     """CPUs of a read task: the download actor's when the read fuses into it (Ray Data fuses only
     operators with the same remote arguments, and only into a call without a fixed batch size)."""
-    if cfg.download.batch_size is not None:
-        return None
-    return HttpDownloader.resources(cfg.download).num_cpus + ImageProcessor.resources(cfg.images).num_cpus
+    return download_actor_cpus(cfg) if cfg.download.batch_size is None else None
 
 
 def apply_vllm_recaption(ds, rc, storage, cache_root: str):

@@ -54,22 +54,12 @@ def run_plan(cfg: JobConfig) -> dict:
         fs.rm(sp, recursive=True)
     nb = cfg.plan.num_buckets
     local = is_small_input(files, cfg)
-    scatter_args = [(i, f, cfg.input, cfg.storage, scatter_dir, nb, cfg.plan.scatter_flush_rows)
-                    for i, f in enumerate(files)]
-    if local:  # a small input: the same functions in this process, without task and worker start-up costs
-        file_stats = [scatter_file(*a) for a in scatter_args]
-    else:
-        scatter = ray.remote(num_cpus=1, max_retries=3)(scatter_file)
-        file_stats = ray.get([scatter.remote(*a) for a in scatter_args])
+    file_stats = _run_each(scatter_file, [(i, f, cfg.input, cfg.storage, scatter_dir, nb, cfg.plan.scatter_flush_rows)
+                                          for i, f in enumerate(files)], local)
     extra = unify_extra_schema([pa.ipc.read_schema(pa.py_buffer(s["extra_schema"])) for s in file_stats])
     samples_dir = join(pdir, "samples")
-    merge_args = [(b, scatter_dir, bucket_dir(samples_dir, b), extra, cfg.storage, cfg.plan.shard_rows)
-                  for b in range(nb)]
-    if local:
-        bucket_stats = [merge_bucket(*a) for a in merge_args]
-    else:
-        merge = ray.remote(num_cpus=1, max_retries=3)(merge_bucket)
-        bucket_stats = ray.get([merge.remote(*a) for a in merge_args])
+    bucket_stats = _run_each(merge_bucket, [(b, scatter_dir, bucket_dir(samples_dir, b), extra, cfg.storage,
+                                             cfg.plan.shard_rows) for b in range(nb)], local)
     fs.rm(sp, recursive=True)
     manifest = {
         "version": PLAN_VERSION,
@@ -89,6 +79,15 @@ def run_plan(cfg: JobConfig) -> dict:
              manifest["input_rows"], manifest["samples"], manifest["invalid_urls"], manifest["seconds"],
              manifest["where"])
     return manifest
+
+
+def _run_each(fn, calls: list[tuple], local: bool) -> list:
+    """``fn(*args)`` for each args tuple: in this process for a small input (no task and worker
+    start-up), else as Ray tasks of one CPU, retried."""
+    if local:
+        return [fn(*a) for a in calls]
+    remote = ray.remote(num_cpus=1, max_retries=3)(fn)
+    return ray.get([remote.remote(*a) for a in calls])
 
 
 def is_small_input(files: list[str], cfg: JobConfig) -> bool:

@@ -14,6 +14,7 @@ from typing import ClassVar, Iterable, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import BaseModel, Field
 
 # Row status values and the columns that carry them (DESIGN.md, "Contracts").
 KEPT = "kept"
@@ -39,7 +40,16 @@ class Resources:
         return dataclasses.replace(self, **clean)
 
 
-def model_stage_resources(config, needs_gpu: bool = True) -> Resources:
+class StageResources(BaseModel):
+    """The actor resources every model stage's config declares (never probed from the machine)."""
+
+    num_gpus: float = Field(1.0, ge=0, description="per actor; 0 runs on CPU")
+    num_cpus: float = Field(1.0, gt=0)
+    pool_min: int = Field(1, ge=1)
+    pool_max: int = Field(1, ge=1)
+
+
+def model_stage_resources(config: StageResources, needs_gpu: bool = True) -> Resources:
     """Resources of a model stage from its config: no GPU when it runs on the CPU."""
     gpus = config.num_gpus if needs_gpu and config.device != "cpu" else 0.0
     return Resources(num_cpus=config.num_cpus, num_gpus=gpus, batch_size=config.batch_size,

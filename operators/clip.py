@@ -21,16 +21,16 @@ from typing import ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
-from operators.base import (DROPPED, FAILED, Operator, Resources, alive_mask, mark, model_stage_resources,
-                            set_columns)
+from operators.base import (DROPPED, FAILED, Operator, Resources, StageResources, alive_mask, mark,
+                            model_stage_resources, set_columns)
 from operators.storage import StorageConfig, local_copy
 
 log = logging.getLogger(__name__)
 
 
-class ClipConfig(BaseModel):
+class ClipConfig(StageResources):
     """CLIP stage settings (``clip:`` in the job config)."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
@@ -48,10 +48,6 @@ class ClipConfig(BaseModel):
     cache_dir: str | None = Field(None, description="where s3:// checkpoints are copied (default: a temp dir)")
     batch_size: int = Field(256, ge=1)
     micro_batch: int = Field(256, ge=1, description="images decoded while the previous ones are encoded")
-    num_gpus: float = Field(1.0, ge=0, description="per actor; 0 runs on CPU")
-    num_cpus: float = Field(1.0, gt=0)
-    pool_min: int = Field(1, ge=1)
-    pool_max: int = Field(1, ge=1)
 
     def random_weights(self) -> bool:
         return self.pretrained is None and not self.model.startswith("hf-hub:")

@@ -50,7 +50,8 @@ from typing import Any, ClassVar, Literal
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from operators.base import FAILED, Operator, Resources, alive_mask, mark, model_stage_resources, set_columns
+from operators.base import (FAILED, Operator, Resources, StageResources, alive_mask, mark, model_stage_resources,
+                            set_columns)
 from operators.storage import StorageConfig, fsspec_fs, is_remote, join, local_copy
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class VllmConfig(BaseModel):
     image_format: Literal["jpeg", "png", "webp"] = "jpeg"
 
 
-class RecaptionConfig(BaseModel):
+class RecaptionConfig(StageResources):
     """Recaption stage settings (``recaption:`` in the job config)."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
@@ -136,10 +137,6 @@ class RecaptionConfig(BaseModel):
     precision: Literal["auto", "fp16", "bf16", "fp32"] = Field("auto", description="auto: fp16 on CUDA, fp32 on CPU")
     batch_size: int = Field(64, ge=1)
     micro_batch: int = Field(32, ge=1, description="images per generate call")
-    num_gpus: float = Field(1.0, ge=0, description="per actor; 0 runs on CPU")
-    num_cpus: float = Field(1.0, gt=0)
-    pool_min: int = Field(1, ge=1)
-    pool_max: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _model_named(self):

@@ -31,10 +31,10 @@ import math
 from typing import ClassVar, Literal
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-from operators.base import (DROPPED, FAILED, Operator, Resources, alive_mask, mark, model_stage_resources,
-                            set_columns)
+from operators.base import (DROPPED, FAILED, Operator, Resources, StageResources, alive_mask, mark,
+                            model_stage_resources, set_columns)
 from operators.clip import ClipConfig, ClipEmbedder
 from operators.clip import model_report as clip_model_report
 from operators.storage import StorageConfig, fsspec_fs, is_remote
@@ -48,7 +48,7 @@ FEATURES = {"open_clip": "concat(img, txt, img*txt) of L2-normalized open_clip e
 
 
 # --- config ---------------------------------------------------------------------------------
-class RewardConfig(BaseModel):
+class RewardConfig(StageResources):
     """Reward stage settings (``reward:`` in the job config)."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
@@ -63,10 +63,6 @@ class RewardConfig(BaseModel):
     device: Literal["auto", "cuda", "cpu"] = "auto"
     batch_size: int = Field(256, ge=1)
     micro_batch: int = Field(256, ge=1, description="images (and 4x captions) encoded at once")
-    num_gpus: float = Field(1.0, ge=0, description="per actor; 0 runs on CPU")
-    num_cpus: float = Field(1.0, gt=0)
-    pool_min: int = Field(1, ge=1)
-    pool_max: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _backbone_named(self):

@@ -42,7 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from operators.base import (DROPPED, FAILED, KEPT, Operator, Resources, mark, model_stage_resources,
+from operators.base import (DROPPED, FAILED, KEPT, Operator, Resources, StageResources, mark, model_stage_resources,
                             set_columns)
 from operators.clip import ClipConfig, load_clip
 from operators.clip import model_report as clip_model_report
@@ -104,7 +104,7 @@ class RigidSpec(BaseModel):
     min_similarity: float | None = Field(None, ge=-1, le=1, description="drop below this; null = score only")
 
 
-class SafetyConfig(BaseModel):
+class SafetyConfig(StageResources):
     """Safety stage settings (``safety:`` in the job config); each head is optional."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
@@ -119,9 +119,6 @@ class SafetyConfig(BaseModel):
     cache_dir: str | None = Field(None, description="where s3:// checkpoints are copied (default: a temp dir)")
     batch_size: int = Field(256, ge=1)
     num_gpus: float = Field(1.0, ge=0, description="per actor, when a GPU is used; 0 runs on CPU")
-    num_cpus: float = Field(1.0, gt=0)
-    pool_min: int = Field(1, ge=1)
-    pool_max: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _has_a_head(self):
