@@ -13,33 +13,14 @@ open_clip = pytest.importorskip("open_clip")
 
 from operators.clip import ClipConfig, ClipEmbedder, threshold_reason  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
+from tests.helpers import image_batch, jpeg  # noqa: E402
 
 TINY = "imgcurate-tiny-clip"
 TINY_CONFIG = str(ROOT / "configs" / "models" / f"{TINY}.json")
 
 
-def jpeg(seed: int, size=(48, 64)) -> bytes:
-    from PIL import Image
-
-    rng = np.random.RandomState(seed)
-    buf = io.BytesIO()
-    Image.fromarray((rng.rand(size[0], size[1], 3) * 255).astype("uint8")).save(buf, "JPEG")
-    return buf.getvalue()
-
-
 def batch(images, captions, status=None) -> pa.Table:
-    n = len(images)
-    return pa.table({
-        "sample_id": [f"s{i}" for i in range(n)],
-        "status": status or ["kept"] * n,
-        "drop_stage": pa.array([None if (status or ["kept"] * n)[i] == "kept" else "download" for i in range(n)],
-                               pa.string()),
-        "drop_reason": pa.array([None if (status or ["kept"] * n)[i] == "kept" else "http_404" for i in range(n)],
-                                pa.string()),
-        "error_message": pa.array([None] * n, pa.string()),
-        "image": pa.array(images, pa.binary()),
-        "captions": pa.array(captions, pa.list_(pa.string())),
-    })
+    return image_batch(images, captions, status)
 
 
 @pytest.fixture(scope="module")

@@ -19,32 +19,14 @@ from operators.recaption import (  # noqa: E402
     vllm_postprocess, vllm_preprocess, vllm_processor_config, write_tiny_captioner,
 )
 from tests.conftest import ROOT  # noqa: E402
+from tests.helpers import image_batch, jpeg  # noqa: E402
 
 TINY_DIR = str(ROOT / "configs" / "models" / "imgcurate-tiny-captioner")
 
 
-def jpeg(seed: int, size=(48, 64)) -> bytes:
-    from PIL import Image
-
-    rng = np.random.RandomState(seed)
-    buf = io.BytesIO()
-    Image.fromarray((rng.rand(size[0], size[1], 3) * 255).astype("uint8")).save(buf, "JPEG")
-    return buf.getvalue()
-
-
 def batch(images, captions, status=None, sources=None) -> pa.Table:
-    n = len(images)
-    status = status or ["kept"] * n
-    return pa.table({
-        "sample_id": [f"s{i}" for i in range(n)],
-        "status": status,
-        "drop_stage": pa.array([None if s == "kept" else "clip" for s in status], pa.string()),
-        "drop_reason": pa.array([None if s == "kept" else "clip_below_0.28" for s in status], pa.string()),
-        "error_message": pa.array([None] * n, pa.string()),
-        "image": pa.array(images, pa.binary()),
-        "captions": pa.array(captions, pa.list_(pa.string())),
-        "caption_sources": pa.array(sources or [["caption"] * len(c) for c in captions], pa.list_(pa.string())),
-    })
+    return image_batch(images, captions, status, sources or [["caption"] * len(c) for c in captions],
+                       dropped_by=("clip", "clip_below_0.28"))
 
 
 @pytest.fixture(scope="module")

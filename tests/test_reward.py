@@ -21,39 +21,15 @@ from operators.reward import (  # noqa: E402
     threshold_reason,
 )
 from tests.conftest import ROOT  # noqa: E402
+from tests.helpers import image_batch, jpeg  # noqa: E402
 
 TINY = "imgcurate-tiny-clip"
 TINY_CONFIG = str(ROOT / "configs" / "models" / f"{TINY}.json")
 FEATURE_DIM = 3 * 32
 
 
-def jpeg(seed: int, size=(48, 64), colour=None) -> bytes:
-    from PIL import Image
-
-    rng = np.random.RandomState(seed)
-    px = rng.rand(size[0], size[1], 3) * 255
-    if colour is not None:
-        px = np.clip(np.asarray(COLOURS[colour], np.float32) + (px - 128) * 0.2, 0, 255)
-    buf = io.BytesIO()
-    Image.fromarray(px.astype("uint8")).save(buf, "JPEG")
-    return buf.getvalue()
-
-
 def batch(images, captions, sources=None, status=None) -> pa.Table:
-    n = len(images)
-    status = status or ["kept"] * n
-    cols = {
-        "sample_id": [f"s{i}" for i in range(n)],
-        "status": status,
-        "drop_stage": pa.array([None if s == "kept" else "download" for s in status], pa.string()),
-        "drop_reason": pa.array([None if s == "kept" else "http_404" for s in status], pa.string()),
-        "error_message": pa.array([None] * n, pa.string()),
-        "image": pa.array(images, pa.binary()),
-        "captions": pa.array(captions, pa.list_(pa.string())),
-    }
-    if sources is not None:
-        cols["caption_sources"] = pa.array(sources, pa.list_(pa.string()))
-    return pa.table(cols)
+    return image_batch(images, captions, status, sources)
 
 
 @pytest.fixture(scope="module")

@@ -19,20 +19,12 @@ from operators.safety import (  # noqa: E402
     build_aesthetic_head, build_nsfw_head, build_watermark_model, model_report, nsfw_reason, watermark_reason,
 )
 from tests.conftest import ROOT  # noqa: E402
+from tests.helpers import image_batch, jpeg  # noqa: E402
 
 DIM = 32
 TINY_CLIP = "imgcurate-tiny-clip"
 TINY_CLIP_CONFIG = str(ROOT / "configs" / "models" / f"{TINY_CLIP}.json")
 TINY_TIMM = "test_efficientnet"  # timm's own ~100k-parameter test model, classifier named "classifier"
-
-
-def jpeg(seed: int, size=(48, 64)) -> bytes:
-    from PIL import Image
-
-    rng = np.random.RandomState(seed)
-    buf = io.BytesIO()
-    Image.fromarray((rng.rand(size[0], size[1], 3) * 255).astype("uint8")).save(buf, "JPEG")
-    return buf.getvalue()
 
 
 def embeddings(n: int, seed: int = 0, dim: int = DIM) -> np.ndarray:
@@ -45,15 +37,8 @@ def batch(n: int, status=None, emb=None, images=None, dim: int = DIM, fixed: boo
     emb = embeddings(n, dim=dim) if emb is None else emb
     typ = pa.list_(pa.float16(), dim) if fixed else pa.list_(pa.float16())
     emb_rows = [None if e is None else [float(x) for x in np.asarray(e, np.float16)] for e in emb]
-    return pa.table({
-        "sample_id": [f"s{i}" for i in range(n)],
-        "status": status,
-        "drop_stage": pa.array([None if s == "kept" else "download" for s in status], pa.string()),
-        "drop_reason": pa.array([None if s == "kept" else "http_404" for s in status], pa.string()),
-        "error_message": pa.array([None] * n, pa.string()),
-        "image": pa.array(images if images is not None else [jpeg(i) for i in range(n)], pa.binary()),
-        "clip_image_embedding": pa.array(emb_rows, typ),
-    })
+    t = image_batch(images if images is not None else [jpeg(i) for i in range(n)], status=status)
+    return t.append_column("clip_image_embedding", pa.array(emb_rows, typ))
 
 
 def scorer(**cfg) -> SafetyScorer:
