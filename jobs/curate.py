@@ -30,6 +30,7 @@ from operators.reward import model_report as reward_report
 from operators.safety import SafetyScorer
 from operators.safety import model_report as safety_report
 from operators.images import ImageProcessor
+from operators.shards import SampleShards
 from operators.sinks import PARQUET_OPTIONS, count_written, sink_prep
 from operators.storage import arrow_fs, fsspec_fs, join, read_json, write_json_atomic
 
@@ -54,6 +55,8 @@ def init_ray(cfg: JobConfig) -> None:
             kwargs["object_store_memory"] = cfg.ray.object_store_memory_mb * 1024 * 1024
     try:
         ray.init(**kwargs)
+        if cfg.ray.address in (None, "local"):
+            start_data_services()
     except ValueError:
         # Connecting to an existing cluster: resources are the cluster's, not ours to set.
         kwargs.pop("num_cpus", None)
@@ -63,6 +66,29 @@ def init_ray(cfg: JobConfig) -> None:
         ray.init(**kwargs)
 
 
+def start_data_services(timeout_s: float = 120.0) -> None:
+    """Start Ray Data's cluster-wide service actors with the local cluster that init_ray started.
+
+    Ray Data runs three detached actors per cluster (its stats actor, the actor location tracker
+    and the autoscaling coordinator), created by the first dataset that needs them and kept by
+    the cluster across jobs. A long-running cluster has them already; on a fresh local one they
+    would each start a worker process (~1 s of CPU for Ray Data's imports) in the middle of the
+    first wave, next to the download actors. Started here they are part of starting the cluster.
+    Best effort: these are Ray Data's internal helpers, and Ray Data creates them itself anyway.
+    """
+    try:
+        from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
+        from ray.data._internal.execution.node_trackers import get_or_create_actor_location_tracker
+        from ray.data._internal.stats import get_or_create_stats_actor
+
+        handles = [f() for f in (get_or_create_stats_actor, get_or_create_actor_location_tracker,
+                                 get_or_create_autoscaling_coordinator)]
+        ray.get([h.__ray_ready__.remote() for h in handles], timeout=timeout_s)
+    except Exception as exc:  # noqa: BLE001 - an optimisation only: Ray Data starts them when needed
+        log.warning("could not start Ray Data's service actors ahead of the job (%s); Ray Data will "
+                    "start them itself", exc)
+
+
 def _data_context(cfg: JobConfig):
     from ray.data import DataContext
 
@@ -70,10 +96,6 @@ def _data_context(cfg: JobConfig):
     ctx.enable_progress_bars = cfg.ray.progress_bars
     ctx.enable_operator_progress_bars = cfg.ray.progress_bars
     ctx.target_max_block_size = int(cfg.ray.target_max_block_mb * 1024 * 1024)
-    # Ray 2.60's V2 Parquet reader starts up to 32 FooterReader actors and bin-packs small sample
-    # shards into one block (a few huge download batches, ~2 GB of reader RSS at 20k samples);
-    # the V1 reader gives one read task and block per shard, as run_wave asks.
-    ctx.use_datasource_v2 = False
     return ctx
 
 
@@ -171,6 +193,16 @@ def recaption_cache_root(cfg: JobConfig) -> str:
     return cfg.recaption.cache_path or join(cfg.output.path, "_cache", "recaption")
 
 
+def wave_dataset(cfg: JobConfig, shard_files: list[str]):
+    """The wave's pipeline over its sample shards, up to the sink: one read task (and block) per
+    shard, bounded work per task, read inside the download actor, and no sampling task before the
+    first download as read_parquet runs (operators/shards.py)."""
+    fs, _ = arrow_fs(cfg.output.path, cfg.storage)
+    files = [arrow_fs(f, cfg.storage)[1] for f in shard_files]
+    ds = ray.data.read_datasource(SampleShards(files, fs), override_num_blocks=len(files), num_cpus=read_cpus(cfg))
+    return build_pipeline(cfg, ds)
+
+
 def wave_paths(cfg: JobConfig, i: int) -> dict[str, str]:
     out = cfg.output.path
     return {"data": join(out, "data", f"wave={i:05d}"), "checkpoint": join(out, "_checkpoints", f"wave={i:05d}"),
@@ -191,10 +223,8 @@ def run_wave(cfg: JobConfig, i: int, buckets: list[dict]) -> dict:
             id_column="sample_id", checkpoint_path=arrow_fs(paths["checkpoint"], cfg.storage)[1],
             override_filesystem=fs, delete_checkpoint_on_success=False)
     try:
-        files = [arrow_fs(f, cfg.storage)[1] for b in buckets for f in b["files"]]
-        # One read task (and block) per shard: bounded work per task, parallel downloads.
-        ds = ray.data.read_parquet(files, filesystem=fs, override_num_blocks=len(files), num_cpus=read_cpus(cfg))
-        build_pipeline(cfg, ds).write_parquet(data_fs_path, filesystem=fs, **PARQUET_OPTIONS)
+        wave_dataset(cfg, [f for b in buckets for f in b["files"]]).write_parquet(
+            data_fs_path, filesystem=fs, **PARQUET_OPTIONS)
     finally:
         ctx.checkpoint_config = None
     seconds = time.time() - t0

@@ -183,3 +183,28 @@ def test_small_input_threshold(tmp_path):
     assert not is_small_input([str(f), str(f)], job_config(str(f), str(tmp_path / "o"),
                                                            plan={"local_max_bytes": size}))
     assert not is_small_input([str(f)], job_config(str(f), str(tmp_path / "o"), plan={"local_max_bytes": 0}))
+
+
+def test_wave_reads_each_shard_inside_the_download_actor(ray_session, finished_run, capsys):
+    """One read task and block per plan shard, exactly the shard's rows, and the read fused into the
+    download actor: no read operator of its own and no sampling task before the first download."""
+    import ray
+
+    from jobs.plan import load_plan
+    from operators.shards import SampleShards
+    from operators.storage import arrow_fs
+
+    cfg, _, _ = finished_run
+    files = [f for b in load_plan(cfg)["buckets"] for f in b["files"]]
+    fs, _ = arrow_fs(cfg.output.path, cfg.storage)
+    tasks = SampleShards(files, fs).get_read_tasks(parallelism=1)
+    assert len(tasks) == len(files) > 1
+    blocks = [b for t in tasks for b in t()]
+    assert [b.num_rows for b in blocks] == [pq.read_metadata(f).num_rows for f in files]
+    assert sum(b.num_rows for b in blocks) == ray.data.read_datasource(
+        SampleShards(files, fs), override_num_blocks=len(files)).count()
+
+    curate.wave_dataset(cfg, files).explain()
+    physical = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    assert "ActorPoolMapOperator[ReadSampleShards->MapBatches(HttpDownloader)]" in physical, physical
+    assert "TaskPoolMapOperator[ReadSampleShards]" not in physical, physical
