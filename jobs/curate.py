@@ -67,7 +67,7 @@ def init_ray(cfg: JobConfig) -> None:
 
 
 def start_data_services(timeout_s: float = 120.0) -> None:
-    """Start Ray Data's cluster-wide service actors with the local cluster that init_ray started.
+    """Start Ray Data's cluster-wide service actors with the cluster (a lookup where they run already).
 
     Ray Data runs three detached actors per cluster (its stats actor, the actor location tracker
     and the autoscaling coordinator), created by the first dataset that needs them and kept by
