@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import email.utils
 import functools
+import heapq
 import ipaddress
+import itertools
 import logging
 import queue
 import random
@@ -159,6 +161,62 @@ def _literal_host(hostname: str):
     return literal, f"[{text}]" if literal.version == 6 else text
 
 
+class OldestFirstSlots:
+    """The download slots an actor's concurrent calls share, granted to the oldest call first.
+
+    ``asyncio.Semaphore`` wakes waiters in arrival order, so calls running at once (Ray's
+    ``batches_in_flight``) would share the slots round-robin and all finish late, together. Here a
+    waiter's priority is its call's number: the oldest call downloads first and finishes first,
+    so its rows reach the image stage, the writer and Ray Data's checkpoint while later calls are
+    still downloading, and fewer partial blocks wait in the actor. Later calls take the slots the
+    oldest leaves idle (a worker waiting for its caller, or backing off before a retry). Used from
+    one event loop only.
+    """
+
+    def __init__(self, n: int):
+        self._free = n
+        self._waiters: list[tuple[int, int, asyncio.Future]] = []  # heap: (priority, arrival, future)
+        self._arrivals = itertools.count()
+
+    async def acquire(self, priority: int) -> None:
+        if self._free > 0:
+            self._free -= 1
+            return
+        fut = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (priority, next(self._arrivals), fut))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():  # granted, then cancelled before it ran: pass it on
+                self.release()
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            _, _, fut = heapq.heappop(self._waiters)
+            if not fut.done():  # skip waiters cancelled meanwhile
+                fut.set_result(None)
+                return
+        self._free += 1
+
+
+class _Lease:
+    """One worker's hold on a slot of :class:`OldestFirstSlots`, kept from one row to the next."""
+
+    def __init__(self, slots: OldestFirstSlots, priority: int):
+        self.slots, self.priority, self.held = slots, priority, False
+
+    async def take(self) -> None:
+        if not self.held:
+            await self.slots.acquire(self.priority)
+            self.held = True
+
+    def drop(self) -> None:
+        if self.held:
+            self.held = False
+            self.slots.release()
+
+
 class HttpDownloader(Operator):
     """Downloads ``url`` into ``image_bytes``; failures get a named reason."""
 
@@ -229,7 +287,8 @@ class HttpDownloader(Operator):
             auto_decompress=True,
             cookie_jar=aiohttp.DummyCookieJar(),
         )
-        self._global_sem = asyncio.Semaphore(c.concurrency)
+        self._slots = OldestFirstSlots(c.concurrency)
+        self._calls = itertools.count()  # call numbers: the oldest call downloads first
 
     def close(self) -> None:
         if self._loop is None:
@@ -314,18 +373,29 @@ class HttpDownloader(Operator):
         return asyncio.Semaphore(self.window())
 
     async def _produce(self, items: list[tuple[int, str]], q: queue.SimpleQueue, slots: asyncio.Semaphore) -> None:
-        """A fixed pool of workers walks the rows; each row takes a slot before its download starts."""
+        """A fixed pool of workers walks the rows; each row takes a place in this call's window
+        (``slots``), then one of the actor's download slots, which the worker keeps for its next
+        row unless it has to wait for the caller (the oldest call keeps the slots it has)."""
         it = iter(items)
+        priority = next(self._calls)
 
         async def worker() -> None:
-            for i, url in it:
-                await slots.acquire()
-                try:
-                    r = await self._fetch_with_retries(url)
-                except Exception as exc:  # noqa: BLE001 - a bug must not crash the job: record it
-                    log.exception("download of %r raised", url)
-                    r = Fetched(status=FAILED, reason="internal_error", message=f"{type(exc).__name__}: {exc}"[:300])
-                q.put((i, r))
+            lease = _Lease(self._slots, priority)
+            try:
+                for i, url in it:
+                    if slots.locked():
+                        lease.drop()  # waiting for the caller: another call may download meanwhile
+                    await slots.acquire()
+                    await lease.take()
+                    try:
+                        r = await self._fetch_with_retries(url, lease)
+                    except Exception as exc:  # noqa: BLE001 - a bug must not crash the job: record it
+                        log.exception("download of %r raised", url)
+                        r = Fetched(status=FAILED, reason="internal_error",
+                                    message=f"{type(exc).__name__}: {exc}"[:300])
+                    q.put((i, r))
+            finally:
+                lease.drop()
 
         await asyncio.gather(*(worker() for _ in range(min(self.config.concurrency, len(items)))))
 
@@ -347,14 +417,16 @@ class HttpDownloader(Operator):
         })
         return mark(sub, self.name, [(r.status, r.reason, r.message) if d else None for r, d in zip(rows, done)]), bodies
 
-    async def _fetch_with_retries(self, url: str) -> Fetched:
+    async def _fetch_with_retries(self, url: str, lease: _Lease) -> Fetched:
+        """Attempts under ``lease`` (a download slot, taken here if not held); between attempts the
+        slot is given up for the backoff, so other rows download meanwhile."""
         c = self.config
         start = time.monotonic()
         attempt = 0
         while True:
             attempt += 1
-            async with self._global_sem:
-                result = await self._fetch_once(url)
+            await lease.take()
+            result = await self._fetch_once(url)
             result.attempts = attempt
             if not result.retryable or attempt > c.retries:
                 result.elapsed_ms = (time.monotonic() - start) * 1000.0
@@ -363,6 +435,7 @@ class HttpDownloader(Operator):
             delay = random.uniform(delay / 2, delay)  # jitter
             if result.retry_after_s is not None:
                 delay = max(delay, min(result.retry_after_s, c.backoff_max_s))
+            lease.drop()
             await asyncio.sleep(delay)
 
     async def _fetch_once(self, url: str) -> Fetched:
