@@ -83,8 +83,11 @@ MiB = 1024 * 1024
 # - every URL is on one host, so the per-host cap is the global one: 64 open requests per download
 #   actor, 2 actors = 128, as img2dataset's 2 x 64 threads;
 # - two download actors, one per core: each holds download.num_cpus 0.25 + images.num_cpus 0.75 = 1
-#   of ray.num_cpus 4 and resizes on one thread; a single actor was bound by its one GIL (~1.1 cores
-#   busy, ~450 images/s at 20k URLs; two: ~570-620). The other 2 logical CPUs go to write tasks;
+#   of ray.num_cpus 3 and resizes on one thread; a single actor was bound by its one GIL (~1.1 cores
+#   busy, ~450 images/s at 20k URLs; two: ~570-620). The third logical CPU goes to write tasks: one
+#   writer process keeps up (a write costs ~0.3 ms of CPU per row here), and a second one (ray.num_cpus
+#   4) cost its start-up, ~1 s of CPU, inside a 2,000-URL run (waves of 5.7-6.0 s against 5.8-7.0 s,
+#   three runs each, alternating);
 # - download.batch_size stays null (the default): one call per plan shard, and Ray Data fuses the
 #   shard's read into the download actor (same CPUs), so no read tasks are scheduled;
 # - 8 MiB blocks: a write task per ~400 rows (64 MiB blocks did not lower the writers' CPU);
@@ -94,7 +97,7 @@ MiB = 1024 * 1024
 #   apply anyway; pinned so that both tools do the same image work by construction.
 OURS_TUNING = [
     "download.concurrency=64", "download.per_host_concurrency=64", "download.pool_min=2", "download.pool_max=2",
-    "download.num_cpus=0.25", "images.num_cpus=0.75", "ray.num_cpus=4", "ray.target_max_block_mb=8",
+    "download.num_cpus=0.25", "images.num_cpus=0.75", "ray.num_cpus=3", "ray.target_max_block_mb=8",
     "images.reduce_on_decode=null", "download.max_bytes=20000000",
 ]
 # Environment of imgcurate's job. Ray runs its workers at niceness 15 by default (ray_config_def.h
