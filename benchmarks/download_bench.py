@@ -87,7 +87,9 @@ MiB = 1024 * 1024
 #   busy, ~450 images/s at 20k URLs; two: ~570-620). The third logical CPU goes to write tasks: one
 #   writer process keeps up (a write costs ~0.3 ms of CPU per row here), and a second one (ray.num_cpus
 #   4) cost its start-up, ~1 s of CPU, inside a 2,000-URL run (waves of 5.7-6.0 s against 5.8-7.0 s,
-#   three runs each, alternating);
+#   three runs each, alternating); output.write_concurrency 1 says so to Ray Data, which otherwise
+#   asks for a writer per CPU the download actors free at the end, and Ray starts a worker process
+#   for each (~0.4 s of CPU apiece, never used);
 # - download.batch_size stays null (the default): one call per plan shard, and Ray Data fuses the
 #   shard's read into the download actor (same CPUs), so no read tasks are scheduled;
 # - 8 MiB blocks: a write task per ~400 rows (64 MiB blocks did not lower the writers' CPU);
@@ -98,7 +100,7 @@ MiB = 1024 * 1024
 OURS_TUNING = [
     "download.concurrency=64", "download.per_host_concurrency=64", "download.pool_min=2", "download.pool_max=2",
     "download.num_cpus=0.25", "images.num_cpus=0.75", "ray.num_cpus=3", "ray.target_max_block_mb=8",
-    "images.reduce_on_decode=null", "download.max_bytes=20000000",
+    "images.reduce_on_decode=null", "download.max_bytes=20000000", "output.write_concurrency=1",
 ]
 # Environment of imgcurate's job. Ray runs its workers at niceness 15 by default (ray_config_def.h
 # worker_niceness: "so that the OS prioritizes CPU for other processes over worker"), under `ray job

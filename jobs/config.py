@@ -42,6 +42,8 @@ class OutputConfig(BaseModel):
 
     path: str = Field(..., description="output root, local path or s3://bucket/prefix")
     overwrite: bool = Field(False, description="delete an existing output of a different config first")
+    write_concurrency: int | None = Field(
+        None, ge=1, description="Parquet write tasks at once in a wave; null: as many as free CPUs allow")
 
 
 class PlanConfig(BaseModel):

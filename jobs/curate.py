@@ -153,7 +153,9 @@ def build_pipeline(cfg: JobConfig, ds):
                 op, fn_constructor_kwargs={"config": stage_cfg, "storage": cfg.storage, **kwargs},
                 batch_format="pyarrow", batch_size=r.batch_size, num_cpus=r.num_cpus, num_gpus=r.num_gpus or None,
                 compute=ActorPoolStrategy(min_size=r.pool[0], max_size=r.pool[1]))
-    return ds.map_batches(sink_prep, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+    # The same concurrency as the write that follows, or Ray Data would not fuse the two (run_wave).
+    return ds.map_batches(sink_prep, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
+                          concurrency=cfg.output.write_concurrency)
 
 
 def download_actor_cpus(cfg: JobConfig) -> float:
@@ -224,7 +226,7 @@ def run_wave(cfg: JobConfig, i: int, buckets: list[dict]) -> dict:
             override_filesystem=fs, delete_checkpoint_on_success=False)
     try:
         wave_dataset(cfg, [f for b in buckets for f in b["files"]]).write_parquet(
-            data_fs_path, filesystem=fs, **PARQUET_OPTIONS)
+            data_fs_path, filesystem=fs, concurrency=cfg.output.write_concurrency, **PARQUET_OPTIONS)
     finally:
         ctx.checkpoint_config = None
     seconds = time.time() - t0

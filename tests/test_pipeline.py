@@ -96,7 +96,8 @@ def test_several_waves_and_input_formats(ray_session, image_server, tmp_path):
     half = len(cases) // 2
     a = write_url_list(cases[:half], image_server.base_url, str(tmp_path / "a.parquet"), fmt="parquet")
     b = write_url_list(cases[half:], image_server.base_url, str(tmp_path / "b.jsonl"), fmt="jsonl")
-    cfg = job_config([a, b], str(tmp_path / "out"), plan={"wave_max_samples": 60, "num_buckets": 8})
+    cfg = job_config([a, b], str(tmp_path / "out"), plan={"wave_max_samples": 60, "num_buckets": 8},
+                     output={"path": str(tmp_path / "out"), "write_concurrency": 1})
     manifest = curate.run(cfg)
     assert len(manifest["waves"]) >= 2
     table = pq.read_table(str(tmp_path / "out" / "data"))
