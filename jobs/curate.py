@@ -55,8 +55,6 @@ def init_ray(cfg: JobConfig) -> None:
             kwargs["object_store_memory"] = cfg.ray.object_store_memory_mb * 1024 * 1024
     try:
         ray.init(**kwargs)
-        if cfg.ray.address in (None, "local"):
-            start_data_services()
     except ValueError:
         # Connecting to an existing cluster: resources are the cluster's, not ours to set.
         kwargs.pop("num_cpus", None)
@@ -64,9 +62,12 @@ def init_ray(cfg: JobConfig) -> None:
         kwargs.pop("include_dashboard", None)
         kwargs.pop("_node_ip_address", None)
         ray.init(**kwargs)
+        return
+    if cfg.ray.address in (None, "local"):
+        start_data_services()
 
 
-def start_data_services(timeout_s: float = 120.0) -> None:
+def start_data_services(timeout_s: float = 120.0) -> int:
     """Start Ray Data's cluster-wide service actors with the cluster (a lookup where they run already).
 
     Ray Data runs three detached actors per cluster (its stats actor, the actor location tracker
@@ -75,6 +76,7 @@ def start_data_services(timeout_s: float = 120.0) -> None:
     would each start a worker process (~1 s of CPU for Ray Data's imports) in the middle of the
     first wave, next to the download actors. Started here they are part of starting the cluster.
     Best effort: these are Ray Data's internal helpers, and Ray Data creates them itself anyway.
+    Returns how many are running (0 if they could not be started here).
     """
     try:
         from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
@@ -84,9 +86,11 @@ def start_data_services(timeout_s: float = 120.0) -> None:
         handles = [f() for f in (get_or_create_stats_actor, get_or_create_actor_location_tracker,
                                  get_or_create_autoscaling_coordinator)]
         ray.get([h.__ray_ready__.remote() for h in handles], timeout=timeout_s)
+        return len(handles)
     except Exception as exc:  # noqa: BLE001 - an optimisation only: Ray Data starts them when needed
         log.warning("could not start Ray Data's service actors ahead of the job (%s); Ray Data will "
                     "start them itself", exc)
+        return 0
 
 
 def _data_context(cfg: JobConfig):

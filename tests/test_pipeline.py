@@ -209,3 +209,15 @@ def test_wave_reads_each_shard_inside_the_download_actor(ray_session, finished_r
     physical = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     assert "ActorPoolMapOperator[ReadSampleShards->MapBatches(HttpDownloader)]" in physical, physical
     assert "TaskPoolMapOperator[ReadSampleShards]" not in physical, physical
+
+
+def test_ray_data_service_actors_start_with_the_cluster(ray_session):
+    """init_ray starts Ray Data's detached service actors; this test fails if a Ray upgrade moves
+    the internal helpers (start_data_services would only log a warning)."""
+    import ray
+
+    assert curate.start_data_services(timeout_s=60) == 3
+    named = {(a["namespace"], a["name"]) for a in ray.util.list_named_actors(all_namespaces=True)}
+    assert {("AutoscalingCoordinator", "AutoscalingCoordinator"),
+            ("ActorLocationTracker", "ActorLocationTracker")} <= named, named
+    assert any("stats" in name.lower() for _, name in named), named
