@@ -1,7 +1,7 @@
 """Download benchmark: imgcurate against img2dataset on the same URLs, cores and resize settings.
 
     python benchmarks/download_bench.py --n 2000 [--latency-ms 50 --fault-rate 0.1 --image-size 256]
-        [--repeat K] [--skip-memory] [--memory-latency-ms MS] [--work-dir DIR]
+        [--repeat K (default 3)] [--skip-memory] [--memory-latency-ms MS] [--work-dir DIR]
         [--set KEY=VALUE ...] [--job-env NAME=VALUE ...] [--skip-img2dataset] [--photos]
 
 A local sample server (``python -m jobs.sample_server``, its own process, 127.0.0.1 only) serves
@@ -527,7 +527,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency-ms", type=float, default=50.0)
     p.add_argument("--fault-rate", type=float, default=0.1)
     p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--repeat", type=int, default=1, help="pairs of runs (order alternates); the median ratio is the headline")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="pairs of runs (order alternates); the median ratio is the headline (one pair is noisy)")
     p.add_argument("--skip-memory", action="store_true", help="skip the 10N runs (memory, and throughput at 10N)")
     p.add_argument("--memory-latency-ms", type=float, default=None,
                    help="server latency for the 10N runs (default: --latency-ms)")
