@@ -191,6 +191,12 @@ class OldestFirstSlots:
                 self.release()
             raise
 
+    def waiting_before(self, priority: int) -> bool:
+        """Whether an older call (a lower priority number) waits for a slot."""
+        while self._waiters and self._waiters[0][2].done():
+            heapq.heappop(self._waiters)  # cancelled while waiting
+        return bool(self._waiters) and self._waiters[0][0] < priority
+
     def release(self) -> None:
         while self._waiters:
             _, _, fut = heapq.heappop(self._waiters)
@@ -375,7 +381,7 @@ class HttpDownloader(Operator):
     async def _produce(self, items: list[tuple[int, str]], q: queue.SimpleQueue, slots: asyncio.Semaphore) -> None:
         """A fixed pool of workers walks the rows; each row takes a place in this call's window
         (``slots``), then one of the actor's download slots, which the worker keeps for its next
-        row unless it has to wait for the caller (the oldest call keeps the slots it has)."""
+        row unless it has to wait for the caller or an older call waits for a slot."""
         it = iter(items)
         priority = next(self._calls)
 
@@ -383,8 +389,8 @@ class HttpDownloader(Operator):
             lease = _Lease(self._slots, priority)
             try:
                 for i, url in it:
-                    if slots.locked():
-                        lease.drop()  # waiting for the caller: another call may download meanwhile
+                    if slots.locked() or self._slots.waiting_before(priority):
+                        lease.drop()  # another call may download meanwhile; an older one goes first
                     await slots.acquire()
                     await lease.take()
                     try:

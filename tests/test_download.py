@@ -301,6 +301,18 @@ def test_oldest_first_slots_grant_by_priority_and_survive_cancellation():
         await asyncio.gather(late, return_exceptions=True)
         assert slots._free == 1 and order == ["c1", "c2", "c3"]
 
+        # A younger call's worker hands its slot over when an older call waits (waiting_before).
+        await slots.acquire(7)
+        older = asyncio.create_task(waiter(2, "older"))
+        gone = asyncio.create_task(waiter(1, "cancelled"))
+        await asyncio.sleep(0)
+        gone.cancel()
+        await asyncio.sleep(0)
+        assert slots.waiting_before(7) and not slots.waiting_before(2)
+        slots.release()
+        await older
+        assert not slots.waiting_before(7) and order[-1] == "older" and slots._free == 1
+
     asyncio.run(main())
 
 
