@@ -275,7 +275,8 @@ def test_bomb_refused_from_header(sample_dir, monkeypatch):
     def no_decode(*_a, **_k):
         raise AssertionError("the bomb reached a decoder")
 
-    monkeypatch.setattr("operators.images.decode_resize_encode", no_decode)
+    monkeypatch.setattr("operators.images.decode", no_decode)
+    monkeypatch.setattr("operators.images.pil_to_cv", no_decode)
     monkeypatch.setattr(Image.Image, "load", no_decode)
     data = _file(sample_dir, "bomb.png")
     assert len(data) < 1000  # header only: 30000 x 30000 declared
@@ -288,7 +289,8 @@ def test_max_pixels_from_config_without_decoding(monkeypatch):
     def no_decode(*_a, **_k):
         raise AssertionError("an over-size image reached a decoder")
 
-    monkeypatch.setattr("operators.images.decode_resize_encode", no_decode)
+    monkeypatch.setattr("operators.images.decode", no_decode)
+    monkeypatch.setattr("operators.images.pil_to_cv", no_decode)
     data = _encode(_rgb(200, 100), "PNG")
     row = _one(data, max_pixels=19_999)
     assert (row["status"], row["drop_reason"]) == ("dropped", "too_many_pixels")
