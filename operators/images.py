@@ -137,7 +137,7 @@ class ImageProcessor(Operator):
                 pixels = im
             if fmt in ("gif", "tiff") or im.mode in ("P", "I;16", "I", "F", "CMYK", "1"):
                 # cv2 cannot read GIF and mishandles some modes: normalise through Pillow.
-                pixels = im.convert("RGBA" if "A" in im.mode or "transparency" in im.info else "RGB")
+                pixels = to_rgb_or_rgba(im)
             if self._params is None:
                 self._params = self._encode_params()
             factor = reduction_factor(w, h, c) if pixels is None and fmt == "jpeg" else 1
@@ -210,6 +210,11 @@ def decode(data: bytes, factor: int = 1, gray: bool = False):
     return img
 
 
+def to_rgb_or_rgba(im):
+    """A Pillow image in RGB, or RGBA when it has alpha or a transparent colour."""
+    return im.convert("RGBA" if "A" in im.mode or "transparency" in im.info else "RGB")
+
+
 def pil_to_cv(im):
     """A Pillow image -> the pixels ``decode`` would give for it saved losslessly (BGR / BGRA / gray)."""
     import numpy as np
@@ -218,7 +223,7 @@ def pil_to_cv(im):
     if im.mode == "L":
         return np.asarray(im)
     if im.mode not in ("RGB", "RGBA"):
-        im = im.convert("RGBA" if "A" in im.mode or "transparency" in im.info else "RGB")
+        im = to_rgb_or_rgba(im)
     arr = np.asarray(im)
     return cv2.cvtColor(arr, cv2.COLOR_RGBA2BGRA if im.mode == "RGBA" else cv2.COLOR_RGB2BGR)
 
