@@ -346,17 +346,16 @@ def prepare_images(work: Path, photos: bool = False) -> tuple[Path, list[str]]:
 
 
 def prepare_photos(work: Path, n: int = 64) -> tuple[Path, list[str]]:
-    """Photo-like JPEGs at web and camera sizes (benchmarks/image_bench.py's generator and size mix)."""
-    from benchmarks.image_bench import SIZES, photo
+    """Photo-like JPEGs at web and camera sizes (benchmarks/image_bench.py's images)."""
+    from benchmarks.image_bench import make_jpegs
 
     images = work / "photos"
     names = [f"photo-{i:03d}.jpg" for i in range(n)]
     marker = images / ".bench-generated"
     if not marker.exists():
         images.mkdir(parents=True, exist_ok=True)
-        for i, name in enumerate(names):
-            w, h = SIZES[i % len(SIZES)]
-            photo(*((h, w) if i % 2 else (w, h)), seed=i).save(images / name, "JPEG", quality=90)
+        for name, data in zip(names, make_jpegs(n)):
+            (images / name).write_bytes(data)
         marker.write_text("ok\n")
     return images, names
 
@@ -476,17 +475,12 @@ def image_work_ms(images: Path, names: list[str], image_size: int, reduce_on_dec
                   reps: int = 3) -> float:
     """CPU milliseconds per image of imgcurate's image work alone, as this run configures it (header,
     decode, resize, encode, sha256), in this process, over the served images."""
+    from benchmarks.image_bench import cpu_ms
     from operators.images import ImageConfig, ImageProcessor
 
     proc = ImageProcessor(ImageConfig(image_size=image_size, resize_mode=RESIZE_MODE, encode_format=ENCODE_FORMAT,
                                       encode_quality=ENCODE_QUALITY, reduce_on_decode=reduce_on_decode))
-    datas = [(images / name).read_bytes() for name in names]
-    proc._one(datas[0])  # imports and encoder parameters
-    t0 = time.process_time()
-    for _ in range(reps):
-        for d in datas:
-            proc._one(d)
-    return 1000 * (time.process_time() - t0) / (reps * len(datas))
+    return cpu_ms(proc._one, [(images / name).read_bytes() for name in names], reps)
 
 
 # ------------------------------------------------------------------------------ main
