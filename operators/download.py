@@ -28,7 +28,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from operators.base import DROPPED, FAILED, KEPT, Operator, Resources, alive_mask, mark, set_columns
-from operators.netguard import AddressPolicy, GuardedResolver, SSRFBlocked, parse_ip
+from operators.netguard import AddressPolicy, GuardedResolver, GuardedSocketFactory, is_ssrf_block, parse_ip, url_host
 
 log = logging.getLogger(__name__)
 
@@ -282,9 +282,12 @@ class HttpDownloader(Operator):
 
         c = self.config
         self._resolver = GuardedResolver(self.policy, ttl_s=c.dns_cache_ttl_s)
+        # The socket factory is the guard that cannot be bypassed: it sees the address of every
+        # connection (literal, resolved, any redirect hop) before the socket exists.
         connector = aiohttp.TCPConnector(
             limit=c.concurrency, limit_per_host=c.per_host_concurrency, resolver=_Resolver(self._resolver),
             use_dns_cache=False, ssl=True, enable_cleanup_closed=True,
+            socket_factory=GuardedSocketFactory(self.policy),
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -451,10 +454,13 @@ class HttpDownloader(Operator):
         current = url
         for _hop in range(c.max_redirects + 1):
             parts = urlsplit(current)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
+            host = url_host(current) if parts.scheme in ("http", "https") else None
+            if host is None:
                 return Fetched(status=FAILED, reason="bad_redirect" if current != url else "invalid_url",
                                message=f"not an http(s) URL: {current[:200]}", final_url=current)
-            literal, canonical = _literal_host(parts.hostname)
+            # Fast path for literal hosts, on the host as aiohttp normalises it (127。0。0。1 is
+            # 127.0.0.1); the socket factory checks the connected address whatever this misses.
+            literal, canonical = _literal_host(host)
             if literal is not None:
                 forbidden = self.policy.check(literal)
                 if forbidden is not None:
@@ -473,20 +479,18 @@ class HttpDownloader(Operator):
                         current = urljoin(current, location)
                         continue
                     return await self._read_response(resp, current)
-            except aiohttp.ClientConnectorDNSError as exc:
-                cause = exc.os_error if hasattr(exc, "os_error") else exc.__cause__
-                if isinstance(cause, SSRFBlocked) or isinstance(exc.__cause__, SSRFBlocked):
-                    return Fetched(status=DROPPED, reason="ssrf_blocked", message=str(exc.__cause__ or cause),
-                                   final_url=current)
-                return Fetched(status=FAILED, reason="dns_error", message=str(exc)[:300], final_url=current)
+            except aiohttp.ClientSSLError as exc:  # before ClientConnectionError, its base
+                return Fetched(status=FAILED, reason="tls_error", message=str(exc)[:300], final_url=current)
             except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
                 return Fetched(status=FAILED, reason="timeout", message=type(exc).__name__, final_url=current,
                                retryable=True)
             except aiohttp.InvalidURL as exc:
                 return Fetched(status=FAILED, reason="invalid_url", message=str(exc)[:300], final_url=current)
-            except aiohttp.ClientSSLError as exc:
-                return Fetched(status=FAILED, reason="tls_error", message=str(exc)[:300], final_url=current)
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError) as exc:
+                if is_ssrf_block(exc):  # the resolver's or the socket factory's refusal
+                    return Fetched(status=DROPPED, reason="ssrf_blocked", message=str(exc)[:300], final_url=current)
+                if isinstance(exc, aiohttp.ClientConnectorDNSError):
+                    return Fetched(status=FAILED, reason="dns_error", message=str(exc)[:300], final_url=current)
                 return Fetched(status=FAILED, reason="connection_error", message=f"{type(exc).__name__}: {exc}"[:300],
                                final_url=current, retryable=True)
             except (aiohttp.ClientError, ValueError, UnicodeError) as exc:

@@ -1,15 +1,21 @@
-"""SSRF guard: classify addresses and resolve host names with a cache, refusing forbidden ones.
+"""SSRF guard: classify addresses, resolve host names with a cache, refuse forbidden connections.
 
-The URL list is untrusted (DESIGN.md, "Safety of the crawler"). Every address a connection
-may go to is classified after DNS resolution, and again for each redirect hop, because the
-resolver below is the one the HTTP client connects with: the checked address is the
-connected address (no time-of-check/time-of-use gap). Host spellings that C resolvers accept
-(``127.1``, ``0x7f000001``, ``2130706433``, ``017700000001``) are parsed the same way here.
+The URL list is untrusted (DESIGN.md, "Safety of the crawler"). The guard that cannot be
+bypassed is :class:`GuardedSocketFactory`: the HTTP client creates every socket through it, with
+the address it is about to connect to, so literal IPs, resolved names and every redirect hop
+are checked on the connected address itself, whatever the URL spelled (Unicode dots and digits,
+which yarl folds to ASCII by IDNA/UTS 46 before aiohttp connects to them as literals; trailing
+dots; IPv4-mapped IPv6). :class:`GuardedResolver` filters resolved addresses earlier (a host with
+both allowed and forbidden addresses still connects to an allowed one), and :func:`url_host`
+gives the host as the client normalises it, for a fast check before any request. Host spellings
+that C resolvers accept (``127.1``, ``0x7f000001``, ``2130706433``, ``017700000001``) are parsed
+the same way here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import ipaddress
 import socket
@@ -31,6 +37,26 @@ class AddressClass(str, Enum):
     METADATA = "metadata"
     MULTICAST = "multicast"
     RESERVED = "reserved"  # unspecified, reserved, documentation, shared address space, ...
+
+
+def url_host(url: str) -> str | None:
+    """The host of ``url`` as the HTTP client connects to it, or None if it has none.
+
+    aiohttp parses URLs with yarl, which normalises the host by IDNA/UTS 46: ``127。0。0。1``
+    (U+3002), ``127．0．0．1`` (U+FF0E), ``127｡0｡0｡1`` (U+FF61) and fullwidth digits all become
+    ``127.0.0.1``, which aiohttp then connects to as a literal without asking a resolver.
+    ``urlsplit(url).hostname`` keeps the original text, so a check on it misses them. A trailing
+    dot (``127.0.0.1.``) is dropped here: it names the same address.
+    """
+    from yarl import URL
+
+    try:
+        host = URL(url).raw_host
+    except (ValueError, UnicodeError, TypeError):
+        return None
+    if not host:
+        return None
+    return host.rstrip(".") or None
 
 
 def parse_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -133,12 +159,42 @@ class DNSFailure(OSError):
     """Name resolution failed."""
 
 
+SSRF_MARK = "refused by the SSRF guard"
+
+
+def is_ssrf_block(exc: BaseException | None) -> bool:
+    """Whether a client error was caused by this module's guard (the resolver's or the socket
+    factory's refusal, possibly wrapped by aiohttp or combined by happy eyeballs)."""
+    for e in (exc, getattr(exc, "os_error", None), getattr(exc, "__cause__", None)):
+        if isinstance(e, SSRFBlocked) or (e is not None and SSRF_MARK in str(e)):
+            return True
+    return False
+
+
+class GuardedSocketFactory:
+    """``socket_factory`` for aiohttp's ``TCPConnector``: refuses to create a socket for a
+    forbidden address. aiohttp (through aiohappyeyeballs) calls it with the ``addr_info`` it will
+    connect to, once per address tried, for literal hosts and resolved names alike, on every
+    request and so on every redirect hop: no spelling of a host reaches a forbidden address."""
+
+    def __init__(self, policy: AddressPolicy):
+        self.policy = policy
+        self.refused = 0
+
+    def __call__(self, addr_info) -> socket.socket:
+        family, type_, proto, _, sockaddr = addr_info
+        forbidden = self.policy.check(sockaddr[0])
+        if forbidden is not None:
+            self.refused += 1
+            raise SSRFBlocked(errno.EACCES, f"connection to {sockaddr[0]} {SSRF_MARK} ({forbidden.value} address)")
+        return socket.socket(family=family, type=type_, proto=proto)
+
+
 class GuardedResolver:
     """An aiohttp resolver: resolves through the system, caches answers, filters by policy.
 
-    aiohttp connects only to the addresses this returns, so a forbidden address is never
-    contacted. Literal IP hosts bypass aiohttp's resolver, so callers also check them with
-    :meth:`AddressPolicy.check` before each request (see ``operators.download``).
+    aiohttp connects only to the addresses this returns. Literal IP hosts never reach a resolver:
+    :class:`GuardedSocketFactory` checks every address at connect time, literals included.
     """
 
     def __init__(self, policy: AddressPolicy, ttl_s: float = 300.0, max_entries: int = 100_000):
@@ -179,7 +235,7 @@ class GuardedResolver:
         allowed = [i for i in infos if self.policy.check(i["host"]) is None]
         if not allowed:
             classes = sorted({classify(i["host"]).value for i in infos})
-            raise SSRFBlocked(f"{host} resolves only to forbidden addresses ({', '.join(classes)})")
+            raise SSRFBlocked(f"{host} resolves only to forbidden addresses ({', '.join(classes)}), {SSRF_MARK}")
         return allowed
 
     async def close(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from operators.download import DownloadConfig, HttpDownloader, parse_retry_after, robots_forbids, sniff_image
+from jobs.sample_server import SampleServer
 from tests.helpers import batch_of
 
 FAST = dict(allow_loopback=True, timeout_s=1.0, connect_timeout_s=1.0, retries=2, backoff_base_s=0.05,
@@ -139,6 +140,73 @@ def test_redirect_to_loopback_refused(fetch, sample_dir, image_server):
         assert other.hits.get("/redirect-to", 0) == 1
     assert (row["status"], row["drop_reason"]) == ("dropped", "ssrf_blocked"), row
     assert image_server.hits.get("/img/00001.jpg", 0) == 0
+
+
+# Spellings of 127.0.0.1 that yarl (so aiohttp) folds to the ASCII literal: ideographic (U+3002),
+# halfwidth ideographic (U+FF61) and fullwidth (U+FF0E) full stops, fullwidth and circled digits,
+# mixed, a trailing dot, octal, IPv4-mapped IPv6 in both notations.
+UNICODE_LOOPBACK_HOSTS = ("127\u30020\u30020\u30021", "127\uff610\uff610\uff611", "127\uff0e0\uff0e0\uff0e1",
+                          "\uff11\uff12\uff17.0.0.1", "\uff11\uff12\uff17\u30020\uff0e0\uff611", "\u2460\u2461\u2466.0.0.1",
+                          "127.0.0.1.", "0177.0.0.1", "[::ffff:127.0.0.1]", "[::ffff:7f00:1]")
+
+
+class RawRedirectServer(SampleServer):
+    """The sample server plus ``/raw-redirect?url=U``: a 302 whose Location is U byte for byte
+    (aiohttp's HTTPFound would normalise a Unicode host to ASCII before sending it)."""
+
+    def make_app(self):
+        from aiohttp import web
+
+        app = super().make_app()
+
+        async def raw_redirect(request):
+            return web.Response(status=302, headers={"Location": request.query["url"]})
+
+        app.router.add_get("/raw-redirect", raw_redirect)
+        return app
+
+
+@pytest.mark.parametrize("host", UNICODE_LOOPBACK_HOSTS)
+def test_unicode_and_odd_loopback_spellings_refused(fetch, image_server, host):
+    image_server.reset_hits()
+    port = image_server.base_url.rsplit(":", 1)[1]
+    row = one(fetch, f"http://{host}:{port}/img/00001.jpg", allow_loopback=False)
+    assert (row["status"], row["drop_reason"]) == ("dropped", "ssrf_blocked"), (host, row)
+    assert sum(image_server.hits.values()) == 0
+
+
+def test_redirects_to_unicode_loopback_spellings_refused(fetch, sample_dir, image_server):
+    """An allowed host (127.0.0.3, by CIDR) redirects to each spelling of 127.0.0.1: none is followed."""
+    from urllib.parse import quote
+
+    from jobs.sample_data import images_dir
+
+    port = image_server.base_url.rsplit(":", 1)[1]
+    with RawRedirectServer(root_dir=images_dir(sample_dir), host="127.0.0.3") as other:
+        image_server.reset_hits()
+        urls = [other.url("/raw-redirect?url=" + quote(f"http://{h}:{port}/img/00001.jpg", safe=""))
+                for h in UNICODE_LOOPBACK_HOSTS]
+        rows = fetch(urls, allow_loopback=False, allow_networks=["127.0.0.3/32"])
+        assert other.hits.get("/raw-redirect", 0) == len(UNICODE_LOOPBACK_HOSTS)
+    for h, row in zip(UNICODE_LOOPBACK_HOSTS, rows):
+        assert (row["status"], row["drop_reason"]) == ("dropped", "ssrf_blocked"), (h, row)
+    assert sum(image_server.hits.values()) == 0
+
+
+def test_connect_time_guard_holds_without_the_literal_fast_path(fetch, image_server, monkeypatch):
+    """With the early literal check switched off, the socket factory alone refuses the connection."""
+    import operators.download as download
+
+    monkeypatch.setattr(download, "_literal_host", lambda host: (None, None))
+    image_server.reset_hits()
+    port = image_server.base_url.rsplit(":", 1)[1]
+    for host in ("127.0.0.1", "127\u30020\u30020\u30021", "[::ffff:127.0.0.1]", "[::1]"):
+        row = one(fetch, f"http://{host}:{port}/img/00001.jpg", allow_loopback=False)
+        assert (row["status"], row["drop_reason"]) == ("dropped", "ssrf_blocked"), (host, row)
+        assert "SSRF guard" in row["error_message"]
+    assert sum(image_server.hits.values()) == 0
+    # And with loopback allowed the same path connects (the guard is what refused above).
+    assert one(fetch, f"http://127.0.0.1:{port}/img/00001.jpg", allow_loopback=True)["status"] == "kept"
 
 
 def test_redirect_to_non_http_scheme_refused(fetch, image_server):

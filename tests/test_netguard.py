@@ -6,7 +6,8 @@ import socket
 
 import pytest
 
-from operators.netguard import AddressClass, AddressPolicy, GuardedResolver, SSRFBlocked, DNSFailure, classify, parse_ip
+from operators.netguard import (AddressClass, AddressPolicy, DNSFailure, GuardedResolver, GuardedSocketFactory, SSRFBlocked,
+                                classify, is_ssrf_block, parse_ip, url_host)
 
 
 @pytest.mark.parametrize("host,expected", [
@@ -103,3 +104,46 @@ def test_real_resolver_on_localhost_with_loopback_denied():
     r = GuardedResolver(AddressPolicy())
     with pytest.raises(SSRFBlocked):
         asyncio.run(r.resolve("localhost", 80))
+
+
+# --- the host as the HTTP client normalises it (yarl: IDNA / UTS 46), no network ----------------
+@pytest.mark.parametrize("url,host", [
+    ("http://127\u30020\u30020\u30021:8080/x.png", "127.0.0.1"),      # U+3002 ideographic full stop
+    ("http://127\uff610\uff610\uff611/x", "127.0.0.1"),               # U+FF61 halfwidth ideographic
+    ("http://127\uff0e0\uff0e0\uff0e1/x", "127.0.0.1"),               # U+FF0E fullwidth full stop
+    ("http://\uff11\uff12\uff17.0.0.1/x", "127.0.0.1"),               # fullwidth digits
+    ("http://\uff11\uff12\uff17\u30020\uff0e0\uff611/x", "127.0.0.1"),  # mixed
+    ("http://169\u3002254\u3002169\u3002254/latest/meta-data", "169.254.169.254"),
+    ("http://127.0.0.1./x", "127.0.0.1"),                              # trailing dot
+    ("http://[::ffff:127.0.0.1]:80/x", "::ffff:7f00:1"),
+    ("http://\uff45\uff58\uff41\uff4d\uff50\uff4c\uff45.com/x", "example.com"),
+    ("http://Example.COM./x", "example.com"),
+    ("http:///x", None),
+    ("not a url", None),
+])
+def test_url_host_normalises_as_the_client_does(url, host):
+    assert url_host(url) == host
+
+
+def test_normalised_spellings_classify_as_their_address():
+    loose = AddressPolicy.build(allow_loopback=True, allow_private=True)
+    assert AddressPolicy().check(parse_ip(url_host("http://127\u30020\u30020\u30021/"))) is AddressClass.LOOPBACK
+    assert loose.check(parse_ip(url_host("http://169\uff0e254\uff0e169\uff0e254/"))) is AddressClass.METADATA
+    assert loose.check(parse_ip(url_host("http://[::ffff:169.254.169.254]/"))) is AddressClass.METADATA
+
+
+def test_socket_factory_refuses_forbidden_addresses_before_a_socket_exists():
+    factory = GuardedSocketFactory(AddressPolicy())
+    for sockaddr, family in ((("127.0.0.1", 80), socket.AF_INET), (("::1", 80, 0, 0), socket.AF_INET6),
+                             (("::ffff:127.0.0.1", 80, 0, 0), socket.AF_INET6),
+                             (("169.254.169.254", 80), socket.AF_INET), (("10.1.2.3", 443), socket.AF_INET)):
+        with pytest.raises(SSRFBlocked) as info:
+            factory((family, socket.SOCK_STREAM, 6, "", sockaddr))
+        assert is_ssrf_block(info.value)
+    assert factory.refused == 5
+    sock = factory((socket.AF_INET, socket.SOCK_STREAM, 6, "", ("8.8.8.8", 80)))  # created, never connected
+    try:
+        assert sock.family == socket.AF_INET
+    finally:
+        sock.close()
+    assert not is_ssrf_block(ConnectionRefusedError(111, "Connection refused"))
