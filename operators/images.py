@@ -36,7 +36,9 @@ class ImageConfig(BaseModel):
     resize_only_if_bigger: bool = False
     encode_format: Literal["jpg", "webp", "png"] = "jpg"
     encode_quality: int = Field(95, ge=0, le=100)
-    min_image_size: int = Field(0, ge=0, description="smallest side, pixels")
+    # Tracking pixels (1x1), spacers and icons (16-48 px) are not training images, and below 64 px the
+    # default 256 px output would be a 4x+ upscale; img2dataset keeps them (its default is 0).
+    min_image_size: int = Field(64, ge=0, description="smallest side, pixels; smaller images are dropped (too_small)")
     max_aspect_ratio: float = Field(float("inf"), gt=0)
     max_pixels: int = Field(89_478_485, gt=0, description="width x height from the header; larger is refused")
     reduce_on_decode: float | None = Field(

@@ -32,7 +32,8 @@ def _batch(datas, status=None, reasons=None) -> pa.Table:
 
 
 def _run(datas, **cfg) -> list[dict]:
-    return ImageProcessor(cfg)(_batch(datas)).to_pylist()
+    """Resize behaviour on small synthetic images: no size floor unless a test sets one."""
+    return ImageProcessor({"min_image_size": 0, **cfg})(_batch(datas)).to_pylist()
 
 
 def _one(data, **cfg) -> dict:
@@ -97,6 +98,13 @@ def test_resize_only_if_bigger_keeps_small_images():
     assert _decoded(row).size == (40, 30)
     row = _one(data, image_size=64, resize_mode="keep_ratio")
     assert _decoded(row).size == (85, 64)
+
+
+def test_default_drops_tracking_pixels_and_icons():
+    rows = ImageProcessor()(_batch([_encode(_rgb(1, 1), "GIF"), _encode(_rgb(32, 32), "PNG"),
+                                    _encode(_rgb(63, 400), "PNG"), _encode(_rgb(64, 64), "PNG")])).to_pylist()
+    assert [(r["status"], r["drop_reason"]) for r in rows] == [
+        ("dropped", "too_small"), ("dropped", "too_small"), ("dropped", "too_small"), ("kept", None)]
 
 
 # --- formats, hashes, sizes --------------------------------------------------------------
