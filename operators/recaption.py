@@ -615,6 +615,19 @@ class RecaptionCache:
 
 
 # --- operator ---------------------------------------------------------------------------------------------
+def with_recaption(captions: list | None, sources: list | None, recaption: str | None, source: str) -> dict:
+    """``captions`` and ``caption_sources`` with ``recaption`` appended under ``source``. Sources
+    are padded with nulls (or cut) to the captions' length, so no alt-text is lost; an earlier
+    caption from ``source`` is replaced (a rerun never duplicates). No recaption: only the padding."""
+    caps, srcs = list(captions or []), list(sources or [])
+    if len(srcs) != len(caps):
+        srcs = (srcs + [None] * len(caps))[:len(caps)]
+    if recaption:
+        keep = [j for j, s in enumerate(srcs) if s != source]
+        caps, srcs = [caps[j] for j in keep] + [recaption], [srcs[j] for j in keep] + [source]
+    return {"captions": caps, "caption_sources": srcs}
+
+
 OUTPUT_TYPES = {"recaption": pa.string(), "recaption_model": pa.string(), "recaption_cached": pa.bool_(),
                 "recaption_tokens": pa.int32(), "recaption_facts": pa.string(), "recaption_error": pa.string()}
 
@@ -695,14 +708,9 @@ class _RecaptionStage(Operator):
         cols = r["cols"]
         new_caps, new_srcs = [], []
         for i in range(r["n"]):
-            caps, srcs = list(r["captions"][i] or []), list(r["sources"][i] or [])
-            if len(srcs) != len(caps):
-                srcs = (srcs + [None] * len(caps))[:len(caps)]
-            if cols["recaption"][i]:
-                keep = [j for j, s in enumerate(srcs) if s != self.source]  # a rerun replaces, never duplicates
-                caps, srcs = [caps[j] for j in keep] + [cols["recaption"][i]], [srcs[j] for j in keep] + [self.source]
-            new_caps.append(caps)
-            new_srcs.append(srcs)
+            row = with_recaption(r["captions"][i], r["sources"][i], cols["recaption"][i], self.source)
+            new_caps.append(row["captions"])
+            new_srcs.append(row["caption_sources"])
         out = {k: pa.array(v, OUTPUT_TYPES[k]) for k, v in cols.items()}
         out["captions"] = pa.array(new_caps, pa.list_(pa.string()))
         out["caption_sources"] = pa.array(new_srcs, pa.list_(pa.string()))
@@ -878,11 +886,7 @@ def vllm_postprocess(row: dict, cfg: RecaptionConfig) -> dict:
                recaption_tokens=int(row.get("num_generated_tokens") or 0),
                recaption_error=str(error)[:300] if error else None)
     if text:
-        source = SOURCE_PREFIX + name
-        caps, srcs = list(row.get("captions") or []), list(row.get("caption_sources") or [])
-        keep = [j for j, s in enumerate(srcs) if s != source]
-        out["captions"] = [caps[j] for j in keep if j < len(caps)] + [text]
-        out["caption_sources"] = [srcs[j] for j in keep] + [source]
+        out.update(with_recaption(row.get("captions"), row.get("caption_sources"), text, SOURCE_PREFIX + name))
     return out
 
 

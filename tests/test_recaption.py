@@ -315,6 +315,22 @@ def test_vllm_messages_carry_image_and_prompt_and_skip_rows_without_work():
     assert failed["captions"] == row["captions"] and "__inference_error__" not in failed
 
 
+@pytest.mark.parametrize("sources, want_captions, want_sources", [
+    (None, ["a", "b", "new"], [None, None, "recaption:vlm"]),
+    (["caption"], ["a", "b", "new"], ["caption", None, "recaption:vlm"]),
+    (["caption", "caption"], ["a", "b", "new"], ["caption", "caption", "recaption:vlm"]),
+    (["caption", "recaption:vlm"], ["a", "new"], ["caption", "recaption:vlm"]),
+], ids=["sources_null", "sources_shorter", "normal", "earlier_recaption_replaced"])
+def test_vllm_recaption_keeps_alt_texts_and_pads_sources(sources, want_captions, want_sources):
+    """Null or short ``caption_sources`` keep every alt-text, padded with null sources as the
+    transformers path pads them; an earlier recaption of the same model is replaced."""
+    c = RecaptionConfig(enabled=True, backend="vllm", model="some/vlm")
+    row = {"sample_id": "s", "status": "kept", "image": jpeg(61), "captions": ["a", "b"], "caption_sources": sources,
+           "recaption_cached": None}
+    done = vllm_postprocess({**vllm_preprocess(row, c), "generated_text": "new", "num_generated_tokens": 1}, c)
+    assert (done["captions"], done["caption_sources"]) == (want_captions, want_sources)
+
+
 def test_vllm_cache_steps_around_the_processor(tmp_path):
     """Lookup fills cached rows (the processor then skips them); store writes what it generated."""
     c = RecaptionConfig(enabled=True, backend="vllm", model="some/vlm", cache_path=str(tmp_path / "c"))
