@@ -44,14 +44,32 @@ def photo(width: int, height: int, seed: int):
     return Image.fromarray(base.clip(0, 255).astype(np.uint8))
 
 
-def make_jpegs(n: int) -> list[bytes]:
+ASPECTS = (1.0, 4 / 3, 3 / 2, 16 / 9, 2.0)  # web aspect ratios (long side / short side) for sides=
+
+
+def make_jpegs(n: int, sides: tuple[int, int] | None = None, seed: int = 0,
+               quality: tuple[int, int] = (75, 92)) -> list[bytes]:
+    """``n`` photo-like JPEGs. Default: the camera and web ``SIZES`` in turn, landscape and portrait,
+    q90. With ``sides=(lo, hi)``: web-like images instead, each drawn from ``seed``: the long side
+    uniform in [lo, hi] (mean halfway), an aspect ratio from ``ASPECTS`` (the short side at least
+    lo), either orientation, JPEG quality uniform in ``quality``."""
     out = []
     for i in range(n):
-        w, h = SIZES[i % len(SIZES)]
+        if sides is None:
+            w, h = SIZES[i % len(SIZES)]
+            q, pseed = 90, i
+        else:
+            lo, hi = sides
+            if not 1 <= lo <= hi:
+                raise ValueError(f"sides must be (lo, hi) with 1 <= lo <= hi, got {sides!r}")
+            rng = np.random.default_rng([seed, i])
+            w = int(rng.integers(lo, hi + 1))
+            h = max(lo, round(w / ASPECTS[int(rng.integers(len(ASPECTS)))]))
+            q, pseed = int(rng.integers(quality[0], quality[1] + 1)), int(rng.integers(2 ** 31))
         if i % 2:
             w, h = h, w  # portrait too
         buf = io.BytesIO()
-        photo(w, h, i).save(buf, "JPEG", quality=90)
+        photo(w, h, pseed).save(buf, "JPEG", quality=q)
         out.append(buf.getvalue())
     return out
 

@@ -5,6 +5,35 @@ route a crawler must survive is here: HTTP errors, flaky and rate-limited hosts,
 ``X-Robots-Tag`` opt-outs, HTML posing as JPEG, oversized and chunked bodies, redirect chains and
 a redirect to any URL (to check that the client refuses it; the server never fetches it).
 
+``GET /web/NAME?ANY`` is a realistic web for download benchmarks (docs: shared BENCHMARKS.md, "What a
+realistic web looks like"): NAME is a file of the served directory, and each URL's fate is drawn
+from ``(web_seed, path+query)`` by blake2b, so every server with the same seed, and so every tool
+run against it, faces the same web. Shares (``WEB_FATES``; ~8% of URLs fail on the first attempt,
+about half of those are fixed by a retry):
+
+==============  =====  ==========================================================  ============
+fate            share  what the server does                                         retry fixes
+==============  =====  ==========================================================  ============
+ok              89.0%  the image (200)                                              -
+redirect         3.0%  a 302 chain of 1-3 hops (``/web/hop/H/NAME?...``), then it   - (success)
+not_found        2.5%  404 on every attempt                                         no
+server_error     2.0%  500 on the first 1 or 2 attempts, then the image             yes
+truncated        1.0%  first attempt: Content-Length of the whole file, half of     yes
+                       the bytes, connection closed; then the image
+rate_limited     0.7%  first attempt: 429 with ``Retry-After: 1``; then the image    yes
+unavailable      0.5%  503 on every attempt (no Retry-After)                        no (retried)
+html_as_jpeg     0.5%  an HTML page with ``Content-Type: image/jpeg`` (200)          no
+optout           0.5%  the image with ``X-Robots-Tag: noai``: a crawler must drop   no
+slow             0.3%  every attempt waits ``web_slow_s`` (12 s) before answering:  no (retried)
+                       past both tools' 10 s timeout
+==============  =====  ==========================================================  ============
+
+Every other response first waits an exponential latency (mean ``web_latency_ms``, 60 ms by
+default, capped at ``web_latency_cap_s``, 2 s, so only the slow fate takes 10+ s), drawn from
+``(web_seed, path+query, attempt)``; attempts are counted per path+query. ``latency_ms`` (fixed,
+all routes) adds to it. ``GET /web-stats`` returns JSON: distinct URLs per fate and responses per
+kind that the server saw (``SampleServer.web_stats()`` in process).
+
 In-process (pytest fixtures, the dry run)::
 
     with SampleServer(root_dir="images", latency_ms=20, fault_rate=0.05) as srv:
@@ -12,7 +41,8 @@ In-process (pytest fixtures, the dry run)::
 
 As a subprocess::
 
-    python -m jobs.sample_server --dir DIR --port 0 --latency-ms 50 --fault-rate 0.1 --seed 0
+    python -m jobs.sample_server --dir DIR --port 0 --latency-ms 50 --fault-rate 0.1 --seed 0 \
+        [--web-latency-ms 60 --web-seed 0 --web-slow-s 12]
 
 prints ``LISTENING http://127.0.0.1:PORT`` as its first stdout line, then serves until killed.
 """
@@ -21,14 +51,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import ipaddress
+import json
 import logging
+import math
 import os
 import random
 import signal
 import sys
 import threading
 from collections import defaultdict
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -54,6 +88,67 @@ HTML_PAGE = (
 )
 
 
+# The realistic web (/web/NAME): (fate, share of URLs), in the order their intervals of [0, 1) are laid
+# out; "ok" takes what is left. See the module docstring for what each fate does.
+WEB_FATES: tuple[tuple[str, float], ...] = (
+    ("redirect", 0.030),
+    ("not_found", 0.025),
+    ("server_error", 0.020),
+    ("truncated", 0.010),
+    ("rate_limited", 0.007),
+    ("unavailable", 0.005),
+    ("html_as_jpeg", 0.005),
+    ("optout", 0.005),
+    ("slow", 0.003),
+)
+WEB_OK_SHARE = 1.0 - sum(share for _, share in WEB_FATES)
+WEB_FAIL_FIRST = ("not_found", "server_error", "truncated", "rate_limited", "unavailable", "html_as_jpeg",
+                  "optout", "slow")  # fail on the first attempt
+WEB_RETRY_FIXES = ("server_error", "truncated", "rate_limited")  # a retry then gets the image
+WEB_NEVER_OK = ("not_found", "unavailable", "html_as_jpeg", "optout", "slow")  # no tool can keep these
+
+
+@dataclass(frozen=True)
+class WebFate:
+    """What the realistic web does with one URL: ``kind`` (a ``WEB_FATES`` name or "ok"), how many
+    first attempts fail (server_error: 1 or 2), and how many redirect hops (redirect: 1-3)."""
+
+    kind: str
+    fail_attempts: int = 0
+    hops: int = 0
+
+
+def _uniform(*parts: object) -> tuple[float, int]:
+    """A uniform number in [0, 1) and a spare 32-bit integer, from blake2b of the parts (stable
+    across processes and runs, unlike ``hash()``)."""
+    digest = hashlib.blake2b("\0".join(map(str, parts)).encode("utf-8", "surrogateescape"),
+                             digest_size=12).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0 ** 64, int.from_bytes(digest[8:], "big")
+
+
+def web_fate(seed: int, path_qs: str) -> WebFate:
+    """The fate of one URL of the realistic web, from the seed and the URL's path and query."""
+    u, spare = _uniform("fate", seed, path_qs)
+    edge = 0.0
+    for kind, share in WEB_FATES:
+        edge += share
+        if u < edge:
+            if kind == "server_error":
+                return WebFate(kind, fail_attempts=1 + spare % 2)
+            if kind == "redirect":
+                return WebFate(kind, hops=1 + spare % 3)
+            return WebFate(kind, fail_attempts=1)
+    return WebFate("ok")
+
+
+def web_latency_s(seed: int, path_qs: str, attempt: int, mean_ms: float, cap_s: float) -> float:
+    """Exponential latency (mean ``mean_ms``, capped at ``cap_s``) of one attempt at one URL."""
+    if mean_ms <= 0:
+        return 0.0
+    u, _ = _uniform("latency", seed, path_qs, attempt)
+    return min(cap_s, -mean_ms / 1000.0 * math.log1p(-u))
+
+
 def _check_loopback(host: str) -> None:
     """Refuses any bind address that is not loopback: the sample server must never be reachable."""
     if host == "localhost":
@@ -70,10 +165,18 @@ class SampleServer:
     """aiohttp server on its own event loop in a daemon thread; see the module docstring."""
 
     def __init__(self, root_dir: str | None = None, host: str = "127.0.0.1", port: int = 0,
-                 latency_ms: float = 0.0, fault_rate: float = 0.0, seed: int = 0):
+                 latency_ms: float = 0.0, fault_rate: float = 0.0, seed: int = 0,
+                 web_latency_ms: float = 60.0, web_seed: int = 0, web_latency_cap_s: float = 2.0,
+                 web_slow_s: float = 12.0):
         _check_loopback(host)
         if latency_ms < 0:
             raise ValueError(f"latency_ms must be >= 0, got {latency_ms!r}")
+        if web_latency_ms < 0:
+            raise ValueError(f"web_latency_ms must be >= 0, got {web_latency_ms!r}")
+        if web_latency_cap_s <= 0:
+            raise ValueError(f"web_latency_cap_s must be > 0, got {web_latency_cap_s!r}")
+        if not 0 <= web_slow_s <= MAX_SLOW_SECONDS:
+            raise ValueError(f"web_slow_s must be in [0, {MAX_SLOW_SECONDS}], got {web_slow_s!r}")
         if not 0.0 <= fault_rate <= 1.0:
             raise ValueError(f"fault_rate must be in [0, 1], got {fault_rate!r}")
         if not 0 <= int(port) <= 65535:
@@ -90,6 +193,14 @@ class SampleServer:
         self._rng = random.Random(seed)
         self._flaky: dict[str, int] = defaultdict(int)
         self._ratelimited: set[str] = set()
+        self.web_latency_ms = float(web_latency_ms)
+        self.web_seed = int(web_seed)
+        self.web_latency_cap_s = float(web_latency_cap_s)
+        self.web_slow_s = float(web_slow_s)
+        self._web_attempts: dict[str, int] = defaultdict(int)  # attempts per path+query of /web
+        self._web_urls: dict[str, int] = defaultdict(int)  # distinct /web URLs seen, per fate
+        self._web_responses: dict[str, int] = defaultdict(int)  # /web responses, per kind
+        self._web_files: dict[str, tuple[bytes, str] | None] = {}  # name -> (bytes, type), read once
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -180,6 +291,13 @@ class SampleServer:
             self.hits.clear()
             self.requests.clear()
 
+    def web_stats(self) -> dict:
+        """What the realistic web saw: distinct URLs per fate, responses per kind, attempts in all."""
+        with self._hits_lock:
+            return {"urls": dict(sorted(self._web_urls.items())),
+                    "responses": dict(sorted(self._web_responses.items())),
+                    "attempts": sum(self._web_attempts.values())}
+
     # ------------------------------------------------------------------ app
 
     def make_app(self) -> web.Application:
@@ -197,6 +315,9 @@ class SampleServer:
         app.router.add_get("/big/{nbytes}", self._big)
         app.router.add_get("/bigchunked/{nbytes}", self._bigchunked)
         app.router.add_get("/empty", self._empty)
+        app.router.add_get("/web/{name}", self._web)
+        app.router.add_get("/web/hop/{hop}/{name}", self._web)
+        app.router.add_get("/web-stats", self._web_stats_route)
         return app
 
     @web.middleware
@@ -340,6 +461,100 @@ class SampleServer:
         return web.Response(body=b"", headers={"Content-Type": "image/jpeg"})
 
 
+    # ------------------------------------------------------------------ the realistic web
+
+    def _web_file(self, name: str) -> tuple[bytes, str] | None:
+        if name not in self._web_files:
+            path = self._file_path(name)
+            if path is None:
+                self._web_files[name] = None
+            else:
+                with open(path, "rb") as f:
+                    ctype = CONTENT_TYPES.get(os.path.splitext(name)[1].lower(), "application/octet-stream")
+                    self._web_files[name] = (f.read(), ctype)
+        return self._web_files[name]
+
+    async def _web(self, request: web.Request) -> web.StreamResponse:
+        """One URL of the realistic web; see the module docstring's table."""
+        key = request.path_qs
+        hop_s = request.match_info.get("hop")
+        # A hop of a redirect chain belongs to its origin URL (/web/NAME?...): same fate, no new one.
+        origin = key if hop_s is None else "/web/" + key.split("/", 4)[4]
+        fate = web_fate(self.web_seed, origin)
+        with self._hits_lock:
+            self._web_attempts[key] += 1
+            attempt = self._web_attempts[key]
+            if hop_s is None and attempt == 1:
+                self._web_urls[fate.kind] += 1
+        kind = self._web_kind(fate, attempt, hop_s)
+        with self._hits_lock:
+            self._web_responses[kind] += 1
+        if kind == "slow":
+            await asyncio.sleep(self.web_slow_s)  # handler_cancellation: a client that gives up ends it
+        else:
+            await asyncio.sleep(web_latency_s(self.web_seed, key, attempt, self.web_latency_ms,
+                                              self.web_latency_cap_s))
+        name = request.match_info["name"]
+        if kind == "404":
+            return web.Response(status=404, text="not found\n")
+        if kind == "500":
+            return web.Response(status=500, text="internal server error\n")
+        if kind == "503":
+            return web.Response(status=503, text="service unavailable\n")
+        if kind == "429":
+            return web.Response(status=429, headers={"Retry-After": "1"}, text="slow down\n")
+        if kind == "html_as_jpeg":
+            return web.Response(body=HTML_PAGE, headers={"Content-Type": "image/jpeg"})
+        if kind == "302":
+            hop = 0 if hop_s is None else int(hop_s)
+            query = key.partition("?")[2]
+            raise web.HTTPFound(f"/web/hop/{hop + 1}/{name}" + (f"?{query}" if query else ""))
+        found = self._web_file(name)
+        if found is None:
+            return web.Response(status=404, text=f"no such image: {name}\n")
+        body, ctype = found
+        if kind == "truncated":
+            return await self._truncated(request, body, ctype)
+        headers = {"Content-Type": ctype}
+        if kind == "optout":
+            headers["X-Robots-Tag"] = "noai"
+        return web.Response(body=body, headers=headers)
+
+    @staticmethod
+    def _web_kind(fate: WebFate, attempt: int, hop_s: str | None) -> str:
+        """The response one attempt gets: 200, 302, 404, 500, 503, 429, truncated, html_as_jpeg,
+        optout or slow."""
+        if hop_s is not None:
+            try:
+                hop = int(hop_s)
+            except ValueError:
+                return "404"
+            return "302" if hop < fate.hops else ("200" if hop == fate.hops else "404")
+        kind = fate.kind
+        if kind == "redirect":
+            return "302"
+        if kind in ("server_error", "truncated", "rate_limited"):
+            if attempt > fate.fail_attempts:
+                return "200"
+            return {"server_error": "500", "truncated": "truncated", "rate_limited": "429"}[kind]
+        return {"ok": "200", "not_found": "404", "unavailable": "503"}.get(kind, kind)
+
+    @staticmethod
+    async def _truncated(request: web.Request, body: bytes, ctype: str) -> web.StreamResponse:
+        """Content-Length of the whole body, half of it sent, then the connection closed."""
+        resp = web.StreamResponse(headers={"Content-Type": ctype})
+        resp.content_length = len(body)
+        await resp.prepare(request)
+        await resp.write(body[: len(body) // 2])
+        transport = request.transport
+        if transport is not None:
+            transport.close()  # flushes what was written, then closes: the client sees a short body
+        return resp
+
+    async def _web_stats_route(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(text=json.dumps(self.web_stats()), content_type="application/json")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", default=None, help="directory served under /img/")
@@ -348,11 +563,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--fault-rate", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--web-latency-ms", type=float, default=60.0,
+                        help="mean of the exponential latency of /web/ responses")
+    parser.add_argument("--web-latency-cap-s", type=float, default=2.0, help="cap on that latency")
+    parser.add_argument("--web-seed", type=int, default=0, help="seed of the fates of /web/ URLs")
+    parser.add_argument("--web-slow-s", type=float, default=12.0, help="how long a 'slow' /web/ URL waits")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
     server = SampleServer(root_dir=args.dir, host=args.host, port=args.port,
-                          latency_ms=args.latency_ms, fault_rate=args.fault_rate, seed=args.seed)
+                          latency_ms=args.latency_ms, fault_rate=args.fault_rate, seed=args.seed,
+                          web_latency_ms=args.web_latency_ms, web_seed=args.web_seed,
+                          web_latency_cap_s=args.web_latency_cap_s, web_slow_s=args.web_slow_s)
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     signal.signal(signal.SIGINT, lambda *_: stopped.set())

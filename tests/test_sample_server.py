@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import http.client
+import json
 import os
 import socket
 import subprocess
@@ -29,7 +30,13 @@ from jobs.sample_data import (
     sample_cases,
     write_url_list,
 )  # noqa: E402
-from jobs.sample_server import SampleServer  # noqa: E402
+from jobs.sample_server import (  # noqa: E402
+    WEB_FATES,
+    WEB_OK_SHARE,
+    SampleServer,
+    web_fate,
+    web_latency_s,
+)
 
 N_GOOD = 16
 
@@ -277,3 +284,143 @@ def test_build_dryrun_sample_generates_once(tmp_path):
     build_dryrun_sample(str(tmp_path), "http://127.0.0.1:8124", n_good=N_GOOD)
     assert (tmp_path / "images" / "00000.jpg").stat().st_mtime_ns == first
     assert "127.0.0.1:8124" in Path(path).read_text("utf-8")
+
+
+# ---------------------------------------------------------------------- the realistic web (/web/)
+WEB_NAME = "00000.jpg"
+
+
+def web_url(kind: str, seed: int = 0, name: str = WEB_NAME, **fields) -> str:
+    """The first /web/ URL (``?i=K``) whose fate is ``kind`` (and matches ``fields``)."""
+    for k in range(100_000):
+        path = f"/web/{name}?i={k}"
+        fate = web_fate(seed, path)
+        if fate.kind == kind and all(getattr(fate, f) == v for f, v in fields.items()):
+            return path
+    raise AssertionError(f"no URL with fate {kind} {fields}")
+
+
+@pytest.fixture(scope="module")
+def web_server(image_dir):
+    with SampleServer(str(image_dir), web_latency_ms=1.0, web_slow_s=30.0) as srv:
+        yield srv
+
+
+def test_web_fate_shares_are_as_documented():
+    n = 4000
+    fates = [web_fate(0, f"/web/{WEB_NAME}?i={k}") for k in range(n)]
+    counts = {kind: sum(f.kind == kind for f in fates) for kind, _ in WEB_FATES}
+    counts["ok"] = sum(f.kind == "ok" for f in fates)
+    for kind, share in [*WEB_FATES, ("ok", WEB_OK_SHARE)]:
+        sd = (n * share * (1 - share)) ** 0.5  # binomial: within 4 standard deviations (and 3 URLs)
+        assert abs(counts[kind] - n * share) <= 4 * sd + 3, (kind, counts[kind], n * share)
+    first_fail = sum(share for kind, share in WEB_FATES if kind != "redirect")
+    assert 0.07 <= first_fail <= 0.09 and abs(WEB_OK_SHARE + first_fail + 0.03 - 1) < 1e-9
+    assert {f.fail_attempts for f in fates if f.kind == "server_error"} == {1, 2}
+    assert {f.hops for f in fates if f.kind == "redirect"} == {1, 2, 3}
+    # deterministic from (seed, path+query): the same in another call, different for another seed
+    assert [web_fate(0, f"/web/{WEB_NAME}?i={k}") for k in range(n)] == fates
+    assert [web_fate(1, f"/web/{WEB_NAME}?i={k}") for k in range(n)] != fates
+
+
+def test_web_latency_is_exponential_and_capped():
+    draws = [web_latency_s(0, f"/web/x.jpg?i={k}", 1, 60.0, 2.0) for k in range(4000)]
+    assert 0.054 <= sum(draws) / len(draws) <= 0.066 and max(draws) <= 2.0
+    assert web_latency_s(0, "/web/x.jpg?i=1", 1, 60.0, 2.0) == web_latency_s(0, "/web/x.jpg?i=1", 1, 60.0, 2.0)
+    assert web_latency_s(0, "/web/x.jpg?i=1", 1, 60.0, 2.0) != web_latency_s(0, "/web/x.jpg?i=1", 2, 60.0, 2.0)
+    assert web_latency_s(0, "/web/x.jpg?i=1", 1, 1e9, 2.0) == 2.0
+    assert web_latency_s(0, "/web/x.jpg?i=1", 1, 0.0, 2.0) == 0.0
+
+
+def test_web_same_seed_same_web_across_servers(image_dir):
+    paths = [f"/web/{WEB_NAME}?i={k}" for k in range(60)]
+    seen = []
+    for _ in range(2):
+        with SampleServer(str(image_dir), web_latency_ms=0.5, web_slow_s=0.0, web_seed=3) as srv:
+            seen.append([(s, h.get("location"), h.get("x-robots-tag"), b)
+                         for s, h, b in (get(srv, p) for p in paths if web_fate(3, p).kind != "truncated")])
+            stats = srv.web_stats()
+    assert seen[0] == seen[1]
+    assert sum(stats["urls"].values()) == len([p for p in paths if web_fate(3, p).kind != "truncated"])
+
+
+def test_web_fates_over_http(web_server, image_dir):
+    srv, image = web_server, (image_dir / WEB_NAME).read_bytes()
+    assert get(srv, web_url("ok"))[0::2] == (200, image)
+
+    path = web_url("not_found")
+    assert get(srv, path)[0] == 404 and get(srv, path)[0] == 404
+
+    path = web_url("server_error", fail_attempts=2)
+    assert [get(srv, path)[0] for _ in range(2)] == [500, 500]
+    assert get(srv, path)[0::2] == (200, image)
+
+    path = web_url("unavailable")
+    assert [get(srv, path)[0] for _ in range(3)] == [503, 503, 503]
+
+    path = web_url("truncated")
+    host, port = srv.base_url.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=5)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        assert resp.status == 200 and int(resp.getheader("content-length")) == len(image)
+        with pytest.raises(http.client.IncompleteRead) as exc:
+            resp.read()
+        assert exc.value.partial == image[: len(image) // 2]
+    finally:
+        conn.close()
+    assert get(srv, path)[0::2] == (200, image)
+
+    path = web_url("rate_limited")
+    status, headers, _ = get(srv, path)
+    assert status == 429 and headers["retry-after"] == "1"
+    assert get(srv, path)[0::2] == (200, image)
+
+    status, headers, body = get(srv, web_url("html_as_jpeg"))
+    assert status == 200 and headers["content-type"] == "image/jpeg" and body.startswith(b"<!DOCTYPE")
+
+    status, headers, body = get(srv, web_url("optout"))
+    assert status == 200 and headers["x-robots-tag"] == "noai" and body == image
+
+    path = web_url("redirect", hops=3)
+    status, headers, _ = get(srv, path)
+    assert status == 302 and headers["location"] == f"/web/hop/1/{path.removeprefix('/web/')}"
+    with urllib.request.urlopen(srv.url(path), timeout=5) as resp:
+        assert resp.url == srv.url(f"/web/hop/3/{path.removeprefix('/web/')}") and resp.read() == image
+
+    with pytest.raises((TimeoutError, socket.timeout)):
+        get(srv, web_url("slow"), timeout=0.3)
+
+    with urllib.request.urlopen(srv.url("/web-stats"), timeout=5) as resp:
+        stats = json.loads(resp.read())
+    assert stats == srv.web_stats()
+    assert stats["urls"]["redirect"] == 1 and stats["responses"]["302"] == 4  # 1 alone, 3 on the chain
+    assert stats["responses"]["truncated"] == 1 and stats["responses"]["429"] == 1
+    assert stats["responses"]["500"] == 2 and stats["responses"]["503"] == 3
+
+
+def test_web_cli_flags(image_dir):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.sample_server", "--dir", str(image_dir), "--port", "0",
+         "--web-latency-ms", "1", "--web-seed", "5", "--web-slow-s", "0"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        base = proc.stdout.readline().strip().split()[1]
+        path = web_url("not_found", seed=5)
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            urllib.request.urlopen(base + path, timeout=5)
+        assert exc.value.code == 404
+        with urllib.request.urlopen(base + web_url("ok", seed=5), timeout=5) as resp:
+            assert resp.read() == (image_dir / WEB_NAME).read_bytes()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        proc.stdout.close()
+
+
+def test_web_bad_settings():
+    with pytest.raises(ValueError, match="web_latency_ms"):
+        SampleServer(web_latency_ms=-1)
+    with pytest.raises(ValueError, match="web_slow_s"):
+        SampleServer(web_slow_s=-1)
