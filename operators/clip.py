@@ -269,16 +269,16 @@ class ClipEmbedder(Operator):
                 outs = decode_jpeg(datas, mode=ImageReadMode.RGB, device=self.device)
                 for i, t in zip(jpeg_idx, outs):
                     decoded[i] = t
-            except RuntimeError:
+            except Exception:  # noqa: BLE001 - one bad JPEG fails the batch call: retry one by one
                 for i, d in zip(jpeg_idx, datas):
                     try:
                         decoded[i] = decode_jpeg(d, mode=ImageReadMode.RGB, device=self.device)
-                    except RuntimeError:
+                    except Exception:  # noqa: BLE001 - Pillow tries it below
                         decoded[i] = None
         from PIL import Image
 
-        for i, b in enumerate(blobs):
-            if decoded[i] is None and b is not None and i not in jpeg_idx:
+        for i, b in enumerate(blobs):  # what nvJPEG did not decode, JPEG or not
+            if decoded[i] is None and b is not None:
                 try:
                     with Image.open(io.BytesIO(b)) as im:
                         arr = np.asarray(im.convert("RGB"))

@@ -143,6 +143,37 @@ def test_gpu_decode_matches_cpu_path(checkpoint):
     np.testing.assert_allclose(gpu.column("clip_score").to_pylist(), cpu, atol=0.05)
 
 
+def test_jpegs_nvjpeg_rejects_fall_back_to_pillow(checkpoint, monkeypatch):
+    """The GPU decode path on CPU, nvJPEG stood in for: the batch call fails, one JPEG is then
+    rejected alone too; it is decoded by Pillow, and bytes neither decodes are a decode_error."""
+    import torchvision.io
+
+    real = torchvision.io.decode_jpeg
+    rejected = jpeg(41)
+    calls = []
+
+    def nvjpeg(data, mode, device):
+        calls.append("batch" if isinstance(data, list) else "one")
+        if isinstance(data, list):
+            raise RuntimeError("nvjpeg batch decode failed")
+        if bytes(data.numpy()) == rejected:
+            raise RuntimeError("nvjpeg: unsupported JPEG")
+        return real(data, mode=mode, device=device)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", nvjpeg)
+    imgs = [jpeg(40), rejected, b"\xff\xd8\xffgarbage"]
+    caps = [["a"], ["b"], ["c"]]
+    e = embedder(checkpoint)
+    e._setup()
+    e.gpu_decode = True
+    out = e(batch(imgs, caps)).to_pylist()
+    assert calls == ["batch", "one", "one", "one"]
+    assert [r["drop_reason"] for r in out] == [None, None, "decode_error"]
+    assert out[1]["clip_image_embedding"] is not None
+    cpu = embedder(checkpoint)(batch(imgs[:2], caps[:2])).column("clip_score").to_pylist()
+    np.testing.assert_allclose([r["clip_score"] for r in out[:2]], cpu, atol=0.05)
+
+
 def test_overlapped_micro_batches_keep_rows_aligned(checkpoint):
     imgs = [jpeg(20), jpeg(21), b"\xff\xd8\xffbroken", jpeg(22), None, jpeg(23)]
     caps = [["a"], ["b", "c"], ["d"], ["e"], ["f"], ["g"]]
