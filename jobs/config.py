@@ -43,7 +43,10 @@ class OutputConfig(BaseModel):
     path: str = Field(..., description="output root, local path or s3://bucket/prefix")
     overwrite: bool = Field(False, description="delete an existing output of a different config first")
     write_concurrency: int | None = Field(
-        None, ge=1, description="Parquet write tasks at once in a wave; null: as many as free CPUs allow")
+        None, ge=1, description="Parquet write tasks at once in a wave; null: one per 4 download actors")
+    write_num_cpus: float = Field(
+        0.125, gt=0, description="CPUs a write task asks for: small, so that writes start while the download "
+                                 "actors hold the cluster (a write costs ~0.3 ms of CPU per row)")
 
 
 class PlanConfig(BaseModel):

@@ -19,7 +19,8 @@ from importlib import metadata
 import ray
 
 from jobs.config import ConfigError, JobConfig, load_config
-from jobs.plan import run_plan, waves_of
+from jobs.plan import pack_shards, run_plan, waves_of
+from jobs.sizing import PipelinePlan, StageNeed, fit_pipeline
 from jobs.select import run_selection
 from operators.clip import ClipEmbedder, model_report
 from operators.download import HttpDownloader
@@ -115,9 +116,52 @@ def versions() -> dict:
 
 
 # --- phase 1 ----------------------------------------------------------------------------
-def build_pipeline(cfg: JobConfig, ds):
+def model_stages(cfg: JobConfig) -> list[tuple[str, type, object, dict]]:
+    """The enabled model stages in pipeline order: (section, operator, its config, extra kwargs).
+    Recaptioning runs after the filters (only kept samples cost generation) and before the reward
+    model, which ranks the recaption against the alt-texts."""
+    rc = cfg.recaption
+    stages = (("clip", ClipEmbedder, cfg.clip, {}),
+              ("safety", SafetyScorer, cfg.safety, {"clip": cfg.clip}),
+              ("recaption", Recaptioner, rc, {"cache_root": recaption_cache_root(cfg)}),
+              ("reward", RewardScorer, cfg.reward, {"clip": cfg.clip}))
+    return [s for s in stages if s[2].enabled]
+
+
+def stage_needs(cfg: JobConfig) -> tuple[StageNeed, list[StageNeed]]:
+    """What the download pool and each model stage ask for, as config declares it (never probed)."""
+    d = cfg.download
+    download = StageNeed("download", download_actor_cpus(cfg), 0.0, d.pool_min, d.pool_max,
+                         ("download.num_cpus", "images.num_cpus", "download.pool_min"))
+    models = []
+    for name, op, stage_cfg, _ in model_stages(cfg):
+        if op is Recaptioner and stage_cfg.backend == "vllm":
+            # The vLLM processor sizes its own engine actors; its cache lookup and store actors (two
+            # pools of up to 2 x 0.25 CPU, apply_vllm_recaption) and one GPU per engine replica.
+            models.append(StageNeed("recaption.cache", 0.25, 0.0, 2, 4, ("recaption.enabled",)))
+            models.append(StageNeed("recaption.vllm", 0.0, 1.0, stage_cfg.vllm.concurrency,
+                                    stage_cfg.vllm.concurrency, (), ("recaption.vllm.concurrency",)))
+            continue
+        r = op.resources(stage_cfg)
+        models.append(StageNeed(name, r.num_cpus, r.num_gpus, r.pool[0], r.pool[1],
+                                (f"{name}.num_cpus", f"{name}.pool_min"),
+                                (f"{name}.num_gpus", f"{name}.pool_min", f"{name}.device")))
+    return download, models
+
+
+def size_wave(cfg: JobConfig, resuming: bool, cluster: dict | None = None) -> PipelinePlan:
+    """Fit the wave's operators to the cluster the job runs on (jobs/sizing.py)."""
+    if cluster is None:
+        cluster = ray.cluster_resources()
+    download, models = stage_needs(cfg)
+    return fit_pipeline(download, models, float(cluster.get("CPU", 0.0)), float(cluster.get("GPU", 0.0)),
+                        resuming=resuming, read_fused=not resuming and cfg.download.batch_size is None,
+                        write_cpus=cfg.output.write_num_cpus, write_concurrency=cfg.output.write_concurrency)
+
+
+def build_pipeline(cfg: JobConfig, ds, plan: PipelinePlan):
     """Read -> download+images (actors) -> model stages (actors) -> sink prep: map-like ops
-    only, so Ray Data's checkpointing applies."""
+    only, so Ray Data's checkpointing applies. Pool sizes and task concurrency come from ``plan``."""
     from ray.data import ActorPoolStrategy
 
     # Download and image work share one actor pool: each finished chunk is decoded, resized and
@@ -126,51 +170,39 @@ def build_pipeline(cfg: JobConfig, ds):
     # pays per-task overhead. The actor holds the CPUs of both and resizes on at most as many
     # threads as images.num_cpus (rounded up).
     d = HttpDownloader.resources(cfg.download)
-    # With download.batch_size null (the default) each call takes one block, a whole sample shard, and
-    # the read fuses into this actor (run_wave gives it the same CPUs): no read tasks to schedule and
-    # no input blocks through the object store.
+    # With download.batch_size null (the default) each call takes one block, a group of sample shards,
+    # and the read fuses into this actor (wave_dataset gives it the same CPUs): no read tasks to
+    # schedule and no input blocks through the object store.
+    lo, hi = plan.pools["download"]
     ds = ds.map_batches(
         HttpDownloader,
         fn_constructor_kwargs={"config": cfg.download, "then": ImageProcessor(cfg.images),
                                "then_threads": max(1, math.ceil(ImageProcessor.resources(cfg.images).num_cpus))},
         batch_format="pyarrow", batch_size=d.batch_size, num_cpus=download_actor_cpus(cfg),
         compute=ActorPoolStrategy(
-            min_size=d.pool[0], max_size=d.pool[1],
+            min_size=lo, max_size=hi,
             max_tasks_in_flight_per_actor=cfg.download.batches_in_flight,
             max_concurrent_calls_per_actor=cfg.download.batches_in_flight, enable_true_multi_threading=True),
     )
     # Model stages: GPU actors (CPU when configured so), in the order each reads the last's columns.
-    # Recaptioning runs after the filters (only kept samples cost generation) and before the reward
-    # model, which ranks the recaption against the alt-texts.
-    rc = cfg.recaption
-    for enabled, op, stage_cfg, kwargs in (
-        (cfg.clip.enabled, ClipEmbedder, cfg.clip, {}),
-        (cfg.safety.enabled, SafetyScorer, cfg.safety, {"clip": cfg.clip}),
-        (rc.enabled, Recaptioner, rc, {"cache_root": recaption_cache_root(cfg)}),
-        (cfg.reward.enabled, RewardScorer, cfg.reward, {"clip": cfg.clip}),
-    ):
-        if enabled and op is Recaptioner and rc.backend == "vllm":
-            ds = apply_vllm_recaption(ds, rc, cfg.storage, recaption_cache_root(cfg))
-        elif enabled:
-            r = op.resources(stage_cfg)
-            ds = ds.map_batches(
-                op, fn_constructor_kwargs={"config": stage_cfg, "storage": cfg.storage, **kwargs},
-                batch_format="pyarrow", batch_size=r.batch_size, num_cpus=r.num_cpus, num_gpus=r.num_gpus or None,
-                compute=ActorPoolStrategy(min_size=r.pool[0], max_size=r.pool[1]))
-    # The same concurrency as the write that follows, or Ray Data would not fuse the two (run_wave).
+    for name, op, stage_cfg, kwargs in model_stages(cfg):
+        if op is Recaptioner and stage_cfg.backend == "vllm":
+            ds = apply_vllm_recaption(ds, stage_cfg, cfg.storage, recaption_cache_root(cfg))
+            continue
+        r = op.resources(stage_cfg)
+        lo, hi = plan.pools[name]
+        ds = ds.map_batches(
+            op, fn_constructor_kwargs={"config": stage_cfg, "storage": cfg.storage, **kwargs},
+            batch_format="pyarrow", batch_size=r.batch_size, num_cpus=r.num_cpus, num_gpus=r.num_gpus or None,
+            compute=ActorPoolStrategy(min_size=lo, max_size=hi))
+    # The same CPUs and concurrency as the write that follows, or Ray Data would not fuse the two (run_wave).
     return ds.map_batches(sink_prep, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
-                          concurrency=cfg.output.write_concurrency)
+                          num_cpus=plan.write_cpus, concurrency=plan.write_concurrency)
 
 
 def download_actor_cpus(cfg: JobConfig) -> float:
     """CPUs one download actor holds: its downloads and the image work it runs."""
     return HttpDownloader.resources(cfg.download).num_cpus + ImageProcessor.resources(cfg.images).num_cpus
-
-
-def read_cpus(cfg: JobConfig) -> float | None:
-    """CPUs of a read task: the download actor's when the read fuses into it (Ray Data fuses only
-    operators with the same remote arguments, and only into a call without a fixed batch size)."""
-    return download_actor_cpus(cfg) if cfg.download.batch_size is None else None
 
 
 def apply_vllm_recaption(ds, rc, storage, cache_root: str):
@@ -199,20 +231,46 @@ def recaption_cache_root(cfg: JobConfig) -> str:
     return cfg.recaption.cache_path or join(cfg.output.path, "_cache", "recaption")
 
 
-def wave_dataset(cfg: JobConfig, shard_files: list[str]):
-    """The wave's pipeline over its sample shards, up to the sink: one read task (and block) per
-    shard, bounded work per task, read inside the download actor, and no sampling task before the
-    first download as read_parquet runs (operators/shards.py)."""
+def wave_dataset(cfg: JobConfig, groups: list[list[str]], plan: PipelinePlan):
+    """The wave's pipeline over its groups of sample shards, up to the sink: one read task (and
+    block) per group, bounded work per task, no sampling task before the first download as
+    read_parquet runs (operators/shards.py). The read fuses into the download actor (same CPUs)
+    unless the wave resumes: then Ray Data's checkpoint filter sits between them, and the read
+    runs as small tasks of its own."""
     fs, _ = arrow_fs(cfg.output.path, cfg.storage)
-    files = [arrow_fs(f, cfg.storage)[1] for f in shard_files]
-    ds = ray.data.read_datasource(SampleShards(files, fs), override_num_blocks=len(files), num_cpus=read_cpus(cfg))
-    return build_pipeline(cfg, ds)
+    groups = [[arrow_fs(f, cfg.storage)[1] for f in g] for g in groups]
+    if plan.read_fused:
+        ds = ray.data.read_datasource(SampleShards(groups, fs), override_num_blocks=len(groups),
+                                      num_cpus=download_actor_cpus(cfg))
+    else:
+        ds = ray.data.read_datasource(SampleShards(groups, fs), override_num_blocks=len(groups),
+                                      num_cpus=plan.read_cpus, concurrency=plan.read_concurrency)
+    return build_pipeline(cfg, ds, plan)
+
+
+def wave_groups(cfg: JobConfig, buckets: list[dict], plan: PipelinePlan) -> list[list[str]]:
+    """The wave's shards packed into download calls of about ``plan.shard_rows`` samples, but small
+    enough that every download actor gets ``batches_in_flight`` calls (a small wave still spreads)."""
+    samples = sum(b["samples"] for b in buckets)
+    calls = plan.pools["download"][1] * cfg.download.batches_in_flight
+    target = max(1, min(cfg.plan.shard_rows, math.ceil(samples / calls)))
+    return pack_shards(buckets, cfg.plan.shard_rows, target)
 
 
 def wave_paths(cfg: JobConfig, i: int) -> dict[str, str]:
     out = cfg.output.path
     return {"data": join(out, "data", f"wave={i:05d}"), "checkpoint": join(out, "_checkpoints", f"wave={i:05d}"),
             "marker": join(out, "waves", f"wave={i:05d}.json")}
+
+
+def occupancy(busy: dict | None, cfg: JobConfig) -> dict | None:
+    """Mean open requests per download actor while it had work, against download.concurrency."""
+    if not busy or not busy.get("active_s"):
+        return None
+    mean = busy["open_request_s"] / busy["active_s"]
+    return {"mean_open_requests": round(mean, 2), "concurrency": cfg.download.concurrency,
+            "occupancy": round(mean / cfg.download.concurrency, 4), "active_s": round(busy["active_s"], 3),
+            "open_request_s": round(busy["open_request_s"], 3)}
 
 
 def run_wave(cfg: JobConfig, i: int, buckets: list[dict]) -> dict:
@@ -223,14 +281,23 @@ def run_wave(cfg: JobConfig, i: int, buckets: list[dict]) -> dict:
     ctx = _data_context(cfg)
     fs, _ = arrow_fs(cfg.output.path, cfg.storage)
     data_fs_path = arrow_fs(paths["data"], cfg.storage)[1]
+    cfs, cp = fsspec_fs(paths["checkpoint"], cfg.storage)
+    # Ray Data inserts its checkpoint filter whenever the wave's checkpoint folder exists.
+    resuming = cfg.ray.checkpoint and cfs.exists(cp)
+    plan = size_wave(cfg, resuming)
+    log.info("wave %d%s: %s", i, " (resuming)" if resuming else "", plan.describe())
+    groups = wave_groups(cfg, buckets, plan)
     t0 = time.time()
     if cfg.ray.checkpoint:
         ctx.checkpoint_config = CheckpointConfig(
             id_column="sample_id", checkpoint_path=arrow_fs(paths["checkpoint"], cfg.storage)[1],
             override_filesystem=fs, delete_checkpoint_on_success=False)
+        # One filter actor, as sized above (Ray Data would scale it up to 10 actors of 1 CPU).
+        ctx.checkpoint_config.checkpoint_actor_pool_max_size = 1
     try:
-        wave_dataset(cfg, [f for b in buckets for f in b["files"]]).write_parquet(
-            data_fs_path, filesystem=fs, concurrency=cfg.output.write_concurrency, **PARQUET_OPTIONS)
+        wave_dataset(cfg, groups, plan).write_parquet(
+            data_fs_path, filesystem=fs, concurrency=plan.write_concurrency,
+            ray_remote_args={"num_cpus": plan.write_cpus}, **PARQUET_OPTIONS)
     finally:
         ctx.checkpoint_config = None
     seconds = time.time() - t0
@@ -239,11 +306,14 @@ def run_wave(cfg: JobConfig, i: int, buckets: list[dict]) -> dict:
         raise JobError(f"wave {i}: {expected} samples planned but {written['rows']} rows written "
                        f"under {paths['data']}; not committing the wave")
     marker = {"wave": i, "buckets": [b["bucket"] for b in buckets], "samples": expected,
-              "outcomes": written["outcomes"], "files": written["files"], "seconds": round(seconds, 3)}
+              "outcomes": written["outcomes"], "files": written["files"], "seconds": round(seconds, 3),
+              "resources": plan.to_json(), "download_calls": len(groups)}
     if "recaption" in written:
         marker["recaption"] = written["recaption"]
+    busy = occupancy(written.get("download_busy"), cfg)
+    if busy:
+        marker["download"] = busy
     write_json_atomic(paths["marker"], marker, cfg.storage)
-    cfs, cp = fsspec_fs(paths["checkpoint"], cfg.storage)
     if cfs.exists(cp):
         cfs.rm(cp, recursive=True)
     log.info("wave %d: %d samples in %.1fs (%.1f samples/s)", i, expected, seconds, expected / max(seconds, 1e-9))
@@ -336,6 +406,10 @@ def run(cfg: JobConfig) -> dict:
         r = {k: sum(x.get(k, 0) for x in recap) for k in ("recaptioned", "cached", "ranked", "won")}
         r["win_rate"] = r["won"] / r["ranked"] if r["ranked"] else None
         manifest["recaption"] = r
+    busy = [m["download"] for m in markers if m.get("download")]
+    if busy:  # the occupancy of the download actors' request slots over the run
+        manifest["download"] = occupancy({"open_request_s": sum(b["open_request_s"] for b in busy),
+                                          "active_s": sum(b["active_s"] for b in busy)}, cfg)
     manifest["throughput_samples_per_s"] = round(processed / max(manifest["timings"]["phase1_s"], 1e-9), 2)
     # Data files first, manifest last: a reader trusts only a committed manifest.
     write_json_atomic(join(cfg.output.path, "_manifest.json"), manifest, cfg.storage)
@@ -390,7 +464,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    manifest = run(cfg)
+    try:
+        manifest = run(cfg)
+    except ConfigError as exc:  # found once the cluster is known: another config's output, resources
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(summary_table(manifest))
     print(f"output: {cfg.output.path}")
     return 0

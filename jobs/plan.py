@@ -126,3 +126,28 @@ def waves_of(plan: dict, max_samples: int) -> list[list[dict]]:
     if cur:
         waves.append(cur)
     return waves
+
+
+def shard_rows_of(bucket: dict, shard_rows: int) -> list[int]:
+    """Rows of each of a bucket's shard files: merge_bucket cuts its samples every ``shard_rows``."""
+    n = bucket["samples"]
+    return [min(shard_rows, n - k * shard_rows) for k in range(len(bucket["files"]))]
+
+
+def pack_shards(buckets: list[dict], shard_rows: int, target_rows: int) -> list[list[str]]:
+    """The wave's shard files in groups of about ``target_rows`` samples (a file is never split):
+    one download call each. With many buckets over few URLs every shard holds a few rows, and a
+    call per shard would leave most of an actor's request slots idle."""
+    groups: list[list[str]] = []
+    cur: list[str] = []
+    n = 0
+    for b in buckets:
+        for path, rows in zip(b["files"], shard_rows_of(b, shard_rows)):
+            if cur and n + rows > target_rows:
+                groups.append(cur)
+                cur, n = [], 0
+            cur.append(path)
+            n += rows
+    if cur:
+        groups.append(cur)
+    return groups

@@ -60,11 +60,12 @@ class DownloadConfig(BaseModel):
     allow_networks: list[str] = Field(default_factory=list, description="CIDRs allowed whatever their class")
     dns_cache_ttl_s: float = Field(300.0, ge=0)
     # Resources: I/O bound, so a fraction of a CPU each; overridable from config.
-    num_cpus: float = Field(0.5, gt=0)
+    num_cpus: float = Field(0.25, gt=0, description="CPUs for the event loop (the actor adds images.num_cpus)")
     batch_size: int | None = Field(None, ge=1, description="rows handed to one actor call; null: one input block (one sample shard of the plan)")
     yield_rows: int = Field(64, ge=1, description="finished rows passed downstream together")
     pool_min: int = Field(1, ge=1)
-    pool_max: int = Field(4, ge=1)
+    pool_max: int | None = Field(None, ge=1, description="null: as many actors as the cluster fits beside the "
+                                                        "other operators (jobs/sizing.py)")
     batches_in_flight: int = Field(4, ge=1, description="Ray batches one actor works on at once")
 
     @field_validator("allow_networks")
@@ -223,12 +224,49 @@ class _Lease:
             self.slots.release()
 
 
+class OpenRequests:
+    """Time-weighted count of an actor's open requests while it has work (a call in progress).
+
+    Changed on the event loop; read by the calling threads, which put the request-seconds and
+    busy seconds since the previous read on the first row of each chunk they emit
+    (``download_open_request_s``, ``download_active_s``): summed over a wave, their ratio is the
+    mean number of open requests per actor, against ``download.concurrency``.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._open = self._calls = 0
+        self._last = time.monotonic()
+        self._area = self._active = 0.0
+
+    def _advance(self, now: float) -> None:
+        if self._calls:
+            self._area += self._open * (now - self._last)
+            self._active += now - self._last
+        self._last = now
+
+    def change(self, open_delta: int = 0, calls_delta: int = 0) -> None:
+        with self._lock:
+            self._advance(time.monotonic())
+            self._open += open_delta
+            self._calls += calls_delta
+
+    def take(self) -> tuple[float, float]:
+        """(request-seconds, busy seconds) since the previous take."""
+        with self._lock:
+            self._advance(time.monotonic())
+            out = (self._area, self._active)
+            self._area = self._active = 0.0
+            return out
+
+
 class HttpDownloader(Operator):
     """Downloads ``url`` into ``image_bytes``; failures get a named reason."""
 
     name: ClassVar[str] = "download"
     reads = ("sample_id", "url", "status")
-    writes = ("image_bytes", "http_status", "content_type", "final_url", "download_attempts", "download_ms")
+    writes = ("image_bytes", "http_status", "content_type", "final_url", "download_attempts", "download_ms",
+              "download_open_request_s", "download_active_s")
 
     def __init__(self, config: DownloadConfig | dict | None = None, then: Operator | None = None,
                  then_threads: int | None = None):
@@ -250,6 +288,7 @@ class HttpDownloader(Operator):
         self._thread: threading.Thread | None = None
         self._session = None
         self._lock = threading.Lock()
+        self.open_requests = OpenRequests()
 
     @classmethod
     def resources(cls, config: DownloadConfig) -> Resources:
@@ -387,6 +426,7 @@ class HttpDownloader(Operator):
         row unless it has to wait for the caller or an older call waits for a slot."""
         it = iter(items)
         priority = next(self._calls)
+        self.open_requests.change(calls_delta=1)
 
         async def worker() -> None:
             lease = _Lease(self._slots, priority)
@@ -406,7 +446,10 @@ class HttpDownloader(Operator):
             finally:
                 lease.drop()
 
-        await asyncio.gather(*(worker() for _ in range(min(self.config.concurrency, len(items)))))
+        try:
+            await asyncio.gather(*(worker() for _ in range(min(self.config.concurrency, len(items)))))
+        finally:
+            self.open_requests.change(calls_delta=-1)
 
     def _assemble(self, batch: pa.Table, idx: list[int], results: dict[int, Fetched],
                   bodies_column: bool = True) -> tuple[pa.Table, list[bytes | None]]:
@@ -423,8 +466,17 @@ class HttpDownloader(Operator):
             "final_url": pa.array([r.final_url for r in rows], pa.string()),
             "download_attempts": pa.array([r.attempts if d else None for r, d in zip(rows, done)], pa.int8()),
             "download_ms": pa.array([r.elapsed_ms for r in rows], pa.float32()),
+            **self._occupancy_columns(len(idx)),
         })
         return mark(sub, self.name, [(r.status, r.reason, r.message) if d else None for r, d in zip(rows, done)]), bodies
+
+    def _occupancy_columns(self, n: int) -> dict[str, pa.Array]:
+        """The actor's open request-seconds and busy seconds since its previous chunk, on this
+        chunk's first row (null on the others), so that a wave's sums give the occupancy."""
+        area, active = self.open_requests.take() if n else (0.0, 0.0)
+        pad = [None] * max(0, n - 1)
+        return {"download_open_request_s": pa.array(([area] + pad) if n else [], pa.float32()),
+                "download_active_s": pa.array(([active] + pad) if n else [], pa.float32())}
 
     async def _fetch_with_retries(self, url: str, lease: _Lease) -> Fetched:
         """Attempts under ``lease`` (a download slot, taken here if not held); between attempts the
@@ -435,7 +487,11 @@ class HttpDownloader(Operator):
         while True:
             attempt += 1
             await lease.take()
-            result = await self._fetch_once(url)
+            self.open_requests.change(open_delta=1)
+            try:
+                result = await self._fetch_once(url)
+            finally:
+                self.open_requests.change(open_delta=-1)
             result.attempts = attempt
             if not result.retryable or attempt > c.retries:
                 result.elapsed_ms = (time.monotonic() - start) * 1000.0

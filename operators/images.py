@@ -46,7 +46,8 @@ class ImageConfig(BaseModel):
         description="decode a JPEG at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, as Pillow's draft() in "
                     "thumbnail()) when that scale still leaves at least this many times the target size, then "
                     "resize as usual; null: always decode in full (img2dataset's exact pixels)")
-    num_cpus: float = Field(1.0, gt=0, description="CPUs the download actor adds for image work (it runs there)")
+    num_cpus: float = Field(0.5, gt=0, description="CPUs the download actor adds for image work (it runs there, "
+                                                   "on ceil(num_cpus) threads)")
     batch_size: int = Field(64, ge=1, description="rows per call of the function form; the job uses download.yield_rows")
 
 

@@ -23,6 +23,9 @@ DICTIONARY_COLUMNS = ["status", "drop_stage", "drop_reason", "content_type", "im
 STATISTICS_COLUMNS = ["sample_id", "status", "drop_stage", "drop_reason", "clip_score", "reward", "width", "height"]
 PARQUET_OPTIONS = {"compression": "zstd", "use_dictionary": DICTIONARY_COLUMNS, "write_statistics": STATISTICS_COLUMNS}
 
+# Per-chunk sums of the download actor's open requests (operators/download.py, OpenRequests).
+OCCUPANCY_COLUMNS = ("download_open_request_s", "download_active_s")
+
 LEADING_COLUMNS = ("sample_id", "status", "drop_stage", "drop_reason", "error_message", "url", "captions",
                    "caption_sources")
 
@@ -58,7 +61,10 @@ def count_written(path: str, storage: StorageConfig | None = None) -> dict:
     names = set(dataset.schema.names)
     extra = [c for c in ("recaption", "recaption_cached", "best_caption_source") if c in names]
     recap = {"recaptioned": 0, "cached": 0, "ranked": 0, "won": 0} if "recaption" in names else None
-    for rb in dataset.to_batches(columns=["status", "drop_stage", "drop_reason", *extra], batch_size=1 << 20):
+    occupancy = [c for c in OCCUPANCY_COLUMNS if c in names]
+    busy = dict.fromkeys(occupancy, 0.0)
+    for rb in dataset.to_batches(columns=["status", "drop_stage", "drop_reason", *extra, *occupancy],
+                                 batch_size=1 << 20):
         t = pa.Table.from_batches([rb])
         rows += t.num_rows
         for k, v in count_outcomes(t).items():
@@ -66,7 +72,12 @@ def count_written(path: str, storage: StorageConfig | None = None) -> dict:
         if recap is not None:
             for k, v in recaption_counts(t).items():
                 recap[k] += v
+        for c in occupancy:
+            busy[c] += float(pc.sum(t.column(c)).as_py() or 0.0)
     out = {"rows": rows, "outcomes": totals, "files": sorted(dataset.files)}
+    if occupancy:
+        out["download_busy"] = {"open_request_s": busy["download_open_request_s"],
+                                "active_s": busy["download_active_s"]}
     if recap is not None:
         out["recaption"] = recap
     return out

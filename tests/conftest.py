@@ -24,6 +24,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 N_GOOD = 40  # good images in the test sample (the dry run uses 240)
+RAY_TEST_CPUS = 2  # logical CPUs of the tests' one local Ray
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -54,9 +55,9 @@ def image_server(sample_dir):
 def ray_session():
     import ray
 
-    # Bind Ray to loopback: tests send traffic to 127.0.0.0/8 only.
-    # 4 logical CPUs on 2 cores: see configs/dryrun.yaml (actors + resume filter + tasks must fit).
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    # Bind Ray to loopback: tests send traffic to 127.0.0.0/8 only. 2 logical CPUs, as the machine
+    # has: the job must fit its operators (and a resume's checkpoint filter) in them (jobs/sizing.py).
+    ray.init(num_cpus=RAY_TEST_CPUS, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     from ray.data import DataContext
 
     ctx = DataContext.get_current()

@@ -205,7 +205,7 @@ def test_wave_reads_each_shard_inside_the_download_actor(ray_session, finished_r
     assert sum(b.num_rows for b in blocks) == ray.data.read_datasource(
         SampleShards(files, fs), override_num_blocks=len(files)).count()
 
-    curate.wave_dataset(cfg, files).explain()
+    curate.wave_dataset(cfg, [[f] for f in files], curate.size_wave(cfg, resuming=False)).explain()
     physical = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     assert "ActorPoolMapOperator[ReadSampleShards->MapBatches(HttpDownloader)]" in physical, physical
     assert "TaskPoolMapOperator[ReadSampleShards]" not in physical, physical
