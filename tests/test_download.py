@@ -444,3 +444,22 @@ def test_then_threads_caps_concurrent_image_work(image_server):
     finally:
         d.close()
     assert outs == [4, 4, 4, 4] and 1 <= peak[0] <= 2
+
+
+def test_open_requests_are_accounted_per_chunk(fetch, image_server):
+    """The first row of each chunk carries the actor's open request-seconds and busy seconds since
+    the previous chunk; their ratio is the mean number of open requests (here all 4 slots, since
+    12 slow rows wait for 4 slots until the last 4)."""
+    d = HttpDownloader(DownloadConfig(**{**FAST, "concurrency": 4, "per_host_concurrency": 4, "yield_rows": 3}))
+    try:
+        chunks = list(d(batch_of([image_server.url(f"/slow/0.3/00001.jpg?k={i}") for i in range(12)])))
+    finally:
+        d.close()
+    rows = [r for c in chunks for r in c.to_pylist()]
+    assert len(rows) == 12 and all(r["status"] == "kept" for r in rows)
+    for c in chunks:
+        assert c.column("download_active_s").null_count == c.num_rows - 1
+    area = sum(r["download_open_request_s"] or 0.0 for r in rows)
+    active = sum(r["download_active_s"] or 0.0 for r in rows)
+    assert active > 0.9  # three rounds of 0.3 s
+    assert 3.0 < area / active <= 4.0 + 1e-6, (area, active)

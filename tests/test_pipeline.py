@@ -66,6 +66,8 @@ def test_duplicate_urls_merge_into_one_sample(finished_run):
 
 def test_manifest_written_last_with_versions_and_counts(finished_run):
     cfg, manifest, _ = finished_run
+    assert manifest["download"]["concurrency"] == cfg.download.concurrency
+    assert 0 < manifest["download"]["mean_open_requests"] <= cfg.download.concurrency
     from operators.storage import read_json
 
     on_disk = read_json(cfg.output.path + "/_manifest.json")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import yaml
 
 from jobs.sample_data import good_image_names, images_dir
 from jobs.sample_server import SampleServer
-from tests.conftest import N_GOOD, ROOT
+from tests.conftest import N_GOOD, RAY_TEST_CPUS, ROOT
 
 N_SAMPLES = 240
 
@@ -49,8 +50,42 @@ def write_job(tmp_path: Path, server) -> Path:
     return path
 
 
-def start_job(cfg_path: Path, ray_address: str) -> subprocess.Popen:
-    env = dict(os.environ, RAY_ADDRESS=ray_address, PYTHONPATH=str(ROOT))
+# The sizings a resume must survive on a small machine (issue #11): the default config on the tests'
+# 2-CPU Ray, and download_bench's old tuning (two 1-CPU download actors, one writer) on a local Ray of
+# 3 logical CPUs that the job starts itself. Resuming adds Ray Data's 1-CPU checkpoint filter and
+# unfused read tasks; before jobs/sizing.py both reruns waited forever (2.5/2 and 4/3 CPUs asked).
+# Only the pace of the downloads is set (2 open requests per actor, rows passed on in twos) so that
+# the kill lands mid-wave; every resource key is the config's default or the benchmark's.
+SIZINGS = {
+    "default": {},
+    "bench": {"download": {"pool_min": 2, "pool_max": 2, "num_cpus": 0.25}, "images": {"num_cpus": 0.75},
+              "output": {"write_concurrency": 1}, "ray": {"num_cpus": 3, "node_ip_address": "127.0.0.1"}},
+}
+JOB_TIMEOUT_S = 300  # a run that takes longer is a hang: it is killed and the test fails
+
+
+def write_sized_job(tmp_path: Path, server, sizing: str) -> Path:
+    names = good_image_names(N_GOOD)
+    urls = tmp_path / "urls.csv"
+    with open(urls, "w") as f:
+        f.write("url,caption\n")
+        for i in range(N_SAMPLES):
+            f.write(f"{server.url('/img/' + names[i % len(names)])}?copy={i},caption {i}\n")
+    cfg = {"input": {"paths": [str(urls)], "caption_columns": ["caption"]}, "output": {"path": str(tmp_path / "out")},
+           "download": {"allow_loopback": True, "concurrency": 2, "yield_rows": 2}, "ray": {"progress_bars": False}}
+    for section, values in SIZINGS[sizing].items():
+        cfg.setdefault(section, {}).update(values)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def start_job(cfg_path: Path, ray_address: str | None) -> subprocess.Popen:
+    """The job in its own session; ``ray_address`` None: the job starts a local Ray of its own."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("RAY_ADDRESS", None)
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
     return subprocess.Popen([sys.executable, "-m", "jobs.curate", str(cfg_path)], cwd=str(ROOT), env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -136,9 +171,14 @@ def wait_for(predicate, timeout_s: float, proc: subprocess.Popen) -> None:
     pytest.fail("the job made no checkpoint in time")
 
 
-def finish(cfg_path: Path, ray_address: str) -> str:
+def finish(cfg_path: Path, ray_address: str | None) -> str:
     proc = start_job(cfg_path, ray_address)
-    out, _ = proc.communicate(timeout=300)
+    try:
+        out, _ = proc.communicate(timeout=JOB_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"the job did not finish in {JOB_TIMEOUT_S} s (a hang):\n{out.decode(errors='replace')[-4000:]}")
     text = out.decode(errors="replace")
     assert proc.returncode == 0, text[-4000:]
     return text
@@ -152,9 +192,13 @@ def assert_exactly_once(out: Path) -> None:
     assert set(table.column("status").to_pylist()) == {"kept"}
 
 
-def test_sigkill_driver_then_rerun_gives_every_sample_once(ray_session, slow_server, tmp_path):
-    address = ray_session.get_runtime_context().gcs_address
-    cfg_path = write_job(tmp_path, slow_server)
+@pytest.mark.parametrize("sizing", sorted(SIZINGS))
+def test_sigkill_driver_mid_wave_then_rerun_gives_every_sample_once(ray_session, slow_server, tmp_path, sizing):
+    """Kill the driver once data files exist, rerun the same command: it finishes (a hang fails the
+    test after JOB_TIMEOUT_S), with every sample once and no checkpointed sample fetched again."""
+    own_ray = "num_cpus" in SIZINGS[sizing].get("ray", {})
+    address = None if own_ray else ray_session.get_runtime_context().gcs_address
+    cfg_path = write_sized_job(tmp_path, slow_server, sizing)
     out = tmp_path / "out"
     proc = start_job(cfg_path, address)
     wait_for(lambda: len(committed_checkpoints(out)) >= 2, 120, proc)
@@ -166,10 +210,17 @@ def test_sigkill_driver_then_rerun_gives_every_sample_once(ray_session, slow_ser
     committed = committed_ids(out)
     assert 0 < len(committed) < N_SAMPLES, f"the first run was not interrupted part-way ({len(committed)} committed)"
 
+    # Data files were written while downloads went on: the writes stream (the wave was not over).
+    assert list((out / "data").rglob("*.parquet")), "no data file while the wave ran"
+
     slow_server.reset_hits()
     finish(cfg_path, address)
     assert (out / "_manifest.json").exists()
     assert_exactly_once(out)
+    marker = json.loads((out / "waves" / "wave=00000.json").read_text())
+    assert marker["resources"]["resuming"] is True
+    assert marker["resources"]["cluster_cpus"] == (3 if own_ray else RAY_TEST_CPUS)
+    assert marker["resources"]["cpus_at_once"] <= marker["resources"]["cluster_cpus"]
     # Row-level resume: no checkpointed sample was downloaded again, and every other one was.
     # (Compared per URL, not by counting requests: a retry under load is a second request for
     # the same URL, and is not a resume failure.)
