@@ -1,7 +1,8 @@
 """Download benchmark: imgcurate against img2dataset on the same URLs, cores and resize settings.
 
     python benchmarks/download_bench.py [--n 4000] [--repeat K (default 3)] [--skip-memory]
-        [--web-latency-ms 60] [--web-seed 0] [--image-size PX] [--work-dir DIR] [--skip-img2dataset]
+        [--web-latency-ms 60] [--web-seed 0] [--web-hosts 64] [--web-host-zipf 1.0]
+        [--image-size PX] [--work-dir DIR] [--skip-img2dataset]
         [--photos | --sample [--latency-ms 50 --fault-rate 0.1]] [--memory-latency-ms MS]
         [--set KEY=VALUE ...] [--job-env NAME=VALUE ...]
 
@@ -19,6 +20,18 @@ response but the slow ones first waits an exponential latency (mean 60 ms, cappe
 URL and attempt. A fresh server with the same seed serves each run, so both tools face the same web;
 the fates and responses it saw are printed per run.
 
+The realistic web has many hosts, as a real crawl does (LAION's URL lists span millions of domains, a
+few CDNs holding many images): the server listens on ``--web-hosts`` K loopback addresses
+(127.0.0.1 ... 127.0.0.K, one port; ``--hosts`` of ``jobs.sample_server``) and URL number k goes to
+host ``jobs.sample_server.web_host(web seed, k, K)``: Zipf shares, host j (1-based) weighs 1/j^s
+(``--web-host-zipf`` s, default 1). At K=64, s=1 the top host holds 21.1% of URLs (1/H_64), the top 5
+48%, the last 0.33%; drawn per index, the N=4000 list gives the top host 21.05% (842 URLs), the
+N=400 one 18.0% (72; 54 of the 64 hosts used). Both tools fetch the same list (only the port differs
+from run to run). This matters because ours caps open requests per host
+(``download.per_host_concurrency``, 16 by default, as a polite crawler must) and img2dataset does
+not: on one host the benchmark would measure that cap, not the crawler. A URL's fate does not depend
+on its host, so it is the same as on one host.
+
 - img2dataset runs ``download(...)`` in a subprocess: 2 processes, 64 threads each, retries=2,
   timeout=10, and imgcurate's default image settings (``operators.images.ImageConfig``: image_size,
   resize_mode, encode_format, encode_quality); it honours ``X-Robots-Tag: noai`` by its own default,
@@ -31,7 +44,7 @@ the fates and responses it saw are printed per run.
   images (not img2dataset's exact pixels there). ``--set`` / ``--job-env`` are for experiments; the
   report lists any that were used.
 
-The old modes stay as they were: ``--sample`` serves the dry run's sample (at most 400 px, where both
+The old modes stay as they were (one host, 127.0.0.1): ``--sample`` serves the dry run's sample (at most 400 px, where both
 tools do the same image work) as ``/img/NAME?i=K`` with a fixed latency per request and a fraction
 of faults (HTTP 500 or a dropped connection, drawn per request, so a retry can succeed); ``--photos``
 serves 64 photo-like JPEGs of 500-3000 px (web and camera sizes) the same way, where imgcurate's
@@ -327,19 +340,26 @@ class ServerProc:
     """``python -m jobs.sample_server`` in its own process (not sharing a GIL with a client)."""
 
     def __init__(self, images: Path, latency_ms: float, fault_rate: float, seed: int = 0,
-                 web_latency_ms: float = 60.0, web_seed: int = 0):
+                 web_latency_ms: float = 60.0, web_seed: int = 0, hosts: int = 1):
+        from jobs.sample_server import parse_listening_line
+
         cmd = [sys.executable, "-m", "jobs.sample_server", "--dir", str(images), "--host", "127.0.0.1",
-               "--port", "0", "--latency-ms", str(latency_ms), "--fault-rate", str(fault_rate), "--seed", str(seed),
-               "--web-latency-ms", str(web_latency_ms), "--web-seed", str(web_seed)]
+               "--hosts", str(hosts), "--port", "0", "--latency-ms", str(latency_ms), "--fault-rate",
+               str(fault_rate), "--seed", str(seed), "--web-latency-ms", str(web_latency_ms),
+               "--web-seed", str(web_seed)]
         self.t = Tracked(cmd, None, stdout=subprocess.PIPE, env=_env())
         line = self._first_line(30.0)
-        if not line.startswith("LISTENING "):
+        try:
+            self.base_urls = parse_listening_line(line)
+        except ValueError:
             self.t.stop()
-            raise RuntimeError(f"sample server did not start: {line!r}")
-        self.base_url = line.split(None, 1)[1].strip()
-        if not self.base_url.startswith("http://127.0.0.1:"):
+            raise RuntimeError(f"sample server did not start: {line!r}") from None
+        self.base_url = self.base_urls[0]
+        port = self.base_url.rsplit(":", 1)[-1]
+        expected = [f"http://127.0.0.{k + 1}:{port}" for k in range(hosts)]  # hosts <= 254 (argparse)
+        if not self.base_url.startswith("http://127.0.0.1:") or self.base_urls != expected:
             self.t.stop()
-            raise RuntimeError(f"sample server is not on loopback: {self.base_url}")
+            raise RuntimeError(f"sample server is not on the expected loopback hosts: {self.base_urls}")
 
     def _first_line(self, timeout_s: float) -> str:
         out = self.t.proc.stdout
@@ -424,12 +444,33 @@ def describe_images(images: Path, names: list[str]) -> str:
             f"{sum(longs) / len(longs):.0f} px), {min(kb):.0f}-{max(kb):.0f} KB (mean {sum(kb) / len(kb):.0f} KB)")
 
 
-def write_urls(path: Path, base_url: str, n: int, names: list[str], route: str = "img") -> Path:
+def url_hosts(n: int, hosts: int, exponent: float, seed: int) -> list[int]:
+    """The host (0-based) of each of the N URLs: Zipf shares, drawn per index (``web_host``)."""
+    from jobs.sample_server import web_host
+
+    return [web_host(seed, k, hosts, exponent) for k in range(n)]
+
+
+def host_spread(hosts_of: list[int], hosts: int, exponent: float) -> dict:
+    """How a URL list spreads over its hosts: the top host's share, expected and drawn, and more."""
+    from jobs.sample_server import web_host_weights
+
+    counts = sorted((hosts_of.count(h) for h in range(hosts)), reverse=True)
+    n = max(len(hosts_of), 1)
+    return {"hosts": hosts, "exponent": exponent, "expected_top": web_host_weights(hosts, exponent)[0],
+            "top": counts[0] / n, "top_urls": counts[0], "top5": sum(counts[:5]) / n,
+            "used": sum(1 for c in counts if c), "least": counts[-1]}
+
+
+def write_urls(path: Path, base_urls: list[str], n: int, names: list[str], route: str = "img",
+               hosts_of: list[int] | None = None) -> Path:
+    """N URLs ``BASE/ROUTE/NAME?i=K``; URL K on ``base_urls[hosts_of[K]]`` (all on the first without)."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["url", "caption"])
         for k in range(n):
-            w.writerow([f"{base_url}/{route}/{names[k % len(names)]}?i={k}", f"benchmark image {k}"])
+            base = base_urls[hosts_of[k]] if hosts_of else base_urls[0]
+            w.writerow([f"{base}/{route}/{names[k % len(names)]}?i={k}", f"benchmark image {k}"])
     return path
 
 
@@ -579,8 +620,17 @@ def _server(images: Path, args, latency_ms: float) -> ServerProc:
     """A fresh server with the same seeds: the realistic web (``latency_ms`` its mean), or the old
     modes' fixed latency and faults."""
     if args.mode == "web":
-        return ServerProc(images, 0.0, 0.0, web_latency_ms=latency_ms, web_seed=args.web_seed)
+        return ServerProc(images, 0.0, 0.0, web_latency_ms=latency_ms, web_seed=args.web_seed,
+                          hosts=args.web_hosts)
     return ServerProc(images, latency_ms, args.fault_rate)
+
+
+def _write_urls(srv: ServerProc, path: Path, n: int, names: list[str], args) -> Path:
+    """The same list for both tools: the realistic web's URLs over its hosts; one host otherwise."""
+    if args.mode != "web":
+        return write_urls(path, srv.base_urls, n, names, "img")
+    return write_urls(path, srv.base_urls, n, names, "web",
+                      url_hosts(n, args.web_hosts, args.web_host_zipf, args.web_seed))
 
 
 def _web_stats(srv: ServerProc, args) -> dict | None:
@@ -589,7 +639,7 @@ def _web_stats(srv: ServerProc, args) -> dict | None:
 
 def _measure_i2d(images: Path, names: list[str], work: Path, args, n: int, latency_ms: float) -> dict:
     with _server(images, args, latency_ms) as srv:
-        urls = write_urls(work / "urls-i2d.csv", srv.base_url, n, names, "web" if args.mode == "web" else "img")
+        urls = _write_urls(srv, work / "urls-i2d.csv", n, names, args)
         print(f"[bench] img2dataset on {n} URLs ...", file=sys.stderr, flush=True)
         c0 = srv.cpu_s()
         r = run_img2dataset(work, urls, n, args.image, honour_optout=args.mode == "web")
@@ -601,7 +651,7 @@ def _measure_i2d(images: Path, names: list[str], work: Path, args, n: int, laten
 def _measure_ours(images: Path, names: list[str], work: Path, args, n: int, tag: str, latency_ms: float,
                   shard_rows: int | None, job_env: dict) -> dict:
     with _server(images, args, latency_ms) as srv:
-        urls = write_urls(work / f"urls-ours-{tag}.csv", srv.base_url, n, names, "web" if args.mode == "web" else "img")
+        urls = _write_urls(srv, work / f"urls-ours-{tag}.csv", n, names, args)
         print(f"[bench] imgcurate on {n} URLs ...", file=sys.stderr, flush=True)
         c0 = srv.cpu_s()
         r = run_ours(work, urls, tag, args.image["image_size"], shard_rows, args.overrides, job_env, args.mode,
@@ -631,7 +681,11 @@ def main(argv: list[str] | None = None) -> int:
                             "img2dataset's exact pixels, PSNR ~43-47 dB against them)")
     p.add_argument("--web-latency-ms", type=float, default=60.0,
                    help="the realistic web: mean of its exponential latency (capped at 2 s)")
-    p.add_argument("--web-seed", type=int, default=0, help="the realistic web: seed of the URLs' fates")
+    p.add_argument("--web-seed", type=int, default=0, help="the realistic web: seed of the URLs' fates and hosts")
+    p.add_argument("--web-hosts", type=int, default=64,
+                   help="the realistic web: loopback hosts the URLs spread over (127.0.0.1 ... 127.0.0.K)")
+    p.add_argument("--web-host-zipf", type=float, default=1.0,
+                   help="the realistic web: Zipf exponent of the hosts' shares (host j weighs 1/j^s; 0: even)")
     p.add_argument("--latency-ms", type=float, default=50.0, help="--sample/--photos: fixed latency per request")
     p.add_argument("--fault-rate", type=float, default=0.1, help="--sample/--photos: share of requests that fail")
     p.add_argument("--image-size", type=int, default=None,
@@ -655,6 +709,10 @@ def main(argv: list[str] | None = None) -> int:
         args.n = 4000 if args.mode == "web" else 2000
     if args.n < 1 or args.repeat < 1:
         p.error("--n and --repeat must be >= 1")
+    if not 1 <= args.web_hosts <= 254:  # 127.0.0.1 ... 127.0.0.254
+        p.error(f"--web-hosts must be in [1, 254], got {args.web_hosts}")
+    if args.web_host_zipf < 0:
+        p.error(f"--web-host-zipf must be >= 0, got {args.web_host_zipf}")
     if args.photos:
         args.overrides = ["images.reduce_on_decode=2.0", *args.overrides]
     bad_env = [kv for kv in args.job_env if "=" not in kv]
@@ -740,13 +798,22 @@ def _header(args, shard_rows, cores, load_before, load_after, job_env) -> list[s
     env = f"; job environment {' '.join(f'{k}={v}' for k, v in job_env.items())}" if job_env else ""
     if args.mode == "web":
         from jobs.sample_server import WEB_FATES, WEB_OK_SHARE
+        from operators.download import DownloadConfig
 
         fates = ", ".join(f"{k} {v:.1%}" for k, v in [("ok", WEB_OK_SHARE), *WEB_FATES])
+        k = args.web_hosts
+        sp = host_spread(url_hosts(args.n, k, args.web_host_zipf, args.web_seed), k, args.web_host_zipf)
+        hosts = (f"  hosts: {k} (127.0.0.1-127.0.0.{k}, one port), Zipf s={args.web_host_zipf:g} (host j weighs "
+                 f"1/j^s): top host {sp['top']:.1%} of these {args.n} URLs ({sp['top_urls']}; expected "
+                 f"{sp['expected_top']:.1%}), top 5 {sp['top5']:.1%}, {sp['used']} hosts used, the least "
+                 f"{sp['least']} URLs; ours caps open requests per host (download.per_host_concurrency "
+                 f"{DownloadConfig().per_host_concurrency} per actor), img2dataset does not")
         extra = (f"; EXPERIMENT, not the headline: --set {' '.join(args.overrides)}" if args.overrides else "")
         return [
             f"download benchmark, realistic web: N={args.n} URLs, exponential latency mean {args.web_latency_ms:g} ms "
             f"(cap 2 s), web seed {args.web_seed}, {img} (imgcurate's defaults, given to both), {load}",
             f"  fates of the URLs: {fates} (slow: 12 s on every attempt; 404/503/html/optout/slow cannot be kept)",
+            hosts,
             f"  images served: {args.images_desc}",
             i2d + ", honours X-Robots-Tag noai (its default)",
             f"  imgcurate (ray {_version('ray')}): default config (input, output, download.allow_loopback true, "

@@ -1,7 +1,10 @@
 """A real local HTTP server that serves images with latency and faults, for tests and the dry run.
 
-It binds loopback only (``127.0.0.1`` by default; any non-loopback host is refused) and every
-route a crawler must survive is here: HTTP errors, flaky and rate-limited hosts, slow bodies,
+It binds loopback only (``127.0.0.1`` by default; any non-loopback host is refused), on one
+address or, with ``hosts=K``, on K consecutive ones (``127.0.0.1`` ... ``127.0.0.K``: Linux routes
+all of 127.0.0.0/8 to ``lo``) on one port, the same app on each, so a client sees K hosts (a crawl
+spreads over many domains, and crawlers cap open requests per host). Every route a crawler must
+survive is here: HTTP errors, flaky and rate-limited hosts, slow bodies,
 ``X-Robots-Tag`` opt-outs, HTML posing as JPEG, oversized and chunked bodies, redirect chains and
 a redirect to any URL (to check that the client refuses it; the server never fetches it).
 
@@ -32,27 +35,39 @@ Every other response first waits an exponential latency (mean ``web_latency_ms``
 default, capped at ``web_latency_cap_s``, 2 s, so only the slow fate takes 10+ s), drawn from
 ``(web_seed, path+query, attempt)``; attempts are counted per path+query. ``latency_ms`` (fixed,
 all routes) adds to it. ``GET /web-stats`` returns JSON: distinct URLs per fate and responses per
-kind that the server saw (``SampleServer.web_stats()`` in process).
+kind that the server saw (``SampleServer.web_stats()`` in process). The host is no part of a URL's
+identity here: fate, latency, attempts and the hit counts depend on the path and query only, so a
+URL's fate does not change with the host it is served from or the number of hosts. ``web_host``
+spreads URL indexes over K hosts with Zipf shares (host k weighs 1/(k+1)^s; at K=64 and s=1 the top
+host holds 21.1%), the skew of a real crawl where a few CDNs hold many images.
 
 In-process (pytest fixtures, the dry run)::
 
     with SampleServer(root_dir="images", latency_ms=20, fault_rate=0.05) as srv:
         fetch(srv.url("/img/00001.jpg"))
+    with SampleServer(root_dir="images", hosts=3) as srv:  # 127.0.0.1-3, one port
+        fetch(srv.url("/img/00001.jpg", host=2))           # http://127.0.0.3:PORT/img/00001.jpg
 
 As a subprocess::
 
     python -m jobs.sample_server --dir DIR --port 0 --latency-ms 50 --fault-rate 0.1 --seed 0 \
-        [--web-latency-ms 60 --web-seed 0 --web-slow-s 12]
+        [--hosts 1] [--web-latency-ms 60 --web-seed 0 --web-slow-s 12]
 
-prints ``LISTENING http://127.0.0.1:PORT`` as its first stdout line, then serves until killed.
+prints ``LISTENING http://127.0.0.1:PORT`` as its first stdout line, then serves until killed; with
+``--hosts K`` (K > 1) the line goes on with `` HOSTS K`` and the K base URLs, space-separated
+(``parse_listening_line`` reads either form; the second field is the first host's base URL in both).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
+import errno
+import functools
 import hashlib
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -80,6 +95,8 @@ JPEG_MAGIC = b"\xff\xd8\xff\xe0"
 CHUNK = 64 * 1024
 MAX_SYNTHETIC_BYTES = 1 << 30  # /big and /bigchunked refuse more than 1 GiB
 MAX_SLOW_SECONDS = 600.0
+MAX_HOSTS = 1024  # listening sockets of one server (127.0.0.0/8 has room for far more; fds do not)
+PORT_ATTEMPTS = 20  # with port 0: new ports tried when one is taken on a later address
 
 HTML_PAGE = (
     b"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Not an image</title></head>\n"
@@ -149,6 +166,72 @@ def web_latency_s(seed: int, path_qs: str, attempt: int, mean_ms: float, cap_s: 
     return min(cap_s, -mean_ms / 1000.0 * math.log1p(-u))
 
 
+def web_host_weights(hosts: int, exponent: float = 1.0) -> list[float]:
+    """Zipf shares of ``hosts`` hosts: host k (0-based) weighs 1/(k+1)^exponent, normalised to 1."""
+    if not 1 <= hosts <= MAX_HOSTS:
+        raise ValueError(f"hosts must be in [1, {MAX_HOSTS}], got {hosts!r}")
+    if exponent < 0:
+        raise ValueError(f"exponent must be >= 0, got {exponent!r}")
+    w = [1.0 / (k + 1) ** exponent for k in range(hosts)]
+    total = sum(w)
+    return [x / total for x in w]
+
+
+def web_host(seed: int, index: int, hosts: int, exponent: float = 1.0) -> int:
+    """The host (0-based) of URL number ``index`` of a list spread over ``hosts`` hosts with Zipf
+    shares (``web_host_weights``), drawn by blake2b of (seed, index): the same for every list length,
+    so a 10N list extends the N one."""
+    if hosts == 1:
+        return 0
+    edges = _host_edges(hosts, float(exponent))
+    u, _ = _uniform("host", seed, index)
+    return min(bisect.bisect_right(edges, u), hosts - 1)
+
+
+@functools.lru_cache(maxsize=16)
+def _host_edges(hosts: int, exponent: float) -> tuple[float, ...]:
+    """Cumulative ``web_host_weights``: the right edge of each host's interval of [0, 1)."""
+    return tuple(itertools.accumulate(web_host_weights(hosts, exponent)))
+
+
+def host_addresses(host: str, hosts: int) -> list[str]:
+    """``hosts`` consecutive addresses from ``host`` (127.0.0.1, 127.0.0.2, ...), each loopback."""
+    if not 1 <= hosts <= MAX_HOSTS:
+        raise ValueError(f"hosts must be in [1, {MAX_HOSTS}], got {hosts!r}")
+    _check_loopback(host)
+    if hosts == 1:
+        return [host]
+    try:
+        first = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"hosts={hosts} needs an IP address to count from, got host={host!r}") from None
+    out = []
+    for k in range(hosts):
+        try:
+            address = str(first + k)
+        except ipaddress.AddressValueError:  # past the end of the address space
+            raise ValueError(f"SampleServer binds loopback only: {host!r} + {k} is no address") from None
+        _check_loopback(address)
+        out.append(address)
+    return out
+
+
+def parse_listening_line(line: str) -> list[str]:
+    """The base URLs of a ``LISTENING URL [HOSTS K URL1 ... URLK]`` line (the subprocess's first)."""
+    parts = line.split()
+    if len(parts) < 2 or parts[0] != "LISTENING":
+        raise ValueError(f"not a LISTENING line: {line!r}")
+    if len(parts) == 2:
+        return [parts[1]]
+    if (parts[2] != "HOSTS" or len(parts) < 5 or not parts[3].isdigit() or int(parts[3]) < 1
+            or len(parts) != 4 + int(parts[3])):
+        raise ValueError(f"malformed LISTENING line: {line!r}")
+    urls = parts[4:]
+    if urls[0] != parts[1]:
+        raise ValueError(f"LISTENING line: first base URL {parts[1]!r} is not the first host's {urls[0]!r}")
+    return urls
+
+
 def _check_loopback(host: str) -> None:
     """Refuses any bind address that is not loopback: the sample server must never be reachable."""
     if host == "localhost":
@@ -167,8 +250,8 @@ class SampleServer:
     def __init__(self, root_dir: str | None = None, host: str = "127.0.0.1", port: int = 0,
                  latency_ms: float = 0.0, fault_rate: float = 0.0, seed: int = 0,
                  web_latency_ms: float = 60.0, web_seed: int = 0, web_latency_cap_s: float = 2.0,
-                 web_slow_s: float = 12.0):
-        _check_loopback(host)
+                 web_slow_s: float = 12.0, hosts: int = 1):
+        self.addresses = host_addresses(host, int(hosts))  # checks every one is loopback
         if latency_ms < 0:
             raise ValueError(f"latency_ms must be >= 0, got {latency_ms!r}")
         if web_latency_ms < 0:
@@ -182,7 +265,8 @@ class SampleServer:
         if not 0 <= int(port) <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {port!r}")
         self.root_dir = os.path.abspath(root_dir) if root_dir else None
-        self.host = host
+        self.host = host  # the first address
+        self.hosts = len(self.addresses)
         self.port = int(port)
         self.latency_ms = float(latency_ms)
         self.fault_rate = float(fault_rate)
@@ -233,7 +317,8 @@ class SampleServer:
                 loop.run_until_complete(loop.shutdown_asyncgens())
                 loop.close()
 
-        self._thread = threading.Thread(target=run, name=f"SampleServer:{self.port}", daemon=True)
+        self._thread = threading.Thread(target=run, name=f"SampleServer:{self.host}x{self.hosts}:{self.port}",
+                                        daemon=True)
         self._thread.start()
         ready.wait()
         if failure:
@@ -248,10 +333,38 @@ class SampleServer:
         self._runner = web.AppRunner(self.make_app(), handler_cancellation=True,
                                      shutdown_timeout=1.0, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        server = site._server  # aiohttp exposes the bound port only through the asyncio server
-        self._bound_port = server.sockets[0].getsockname()[1]
+        try:
+            self._bound_port = await self._bind()
+        except BaseException:
+            await self._runner.cleanup()
+            raise
+
+    async def _bind(self) -> int:
+        """One site per address, all on one port. With port 0 the first site picks it; if a later
+        address has it taken, every site is closed and another port is tried."""
+        attempts = 1 if self.port else PORT_ATTEMPTS
+        for attempt in range(attempts):
+            port, sites = self.port, []
+            try:
+                for address in self.addresses:
+                    site = web.TCPSite(self._runner, address, port)
+                    sites.append(site)  # registered with the runner by start(), even if it fails
+                    await site.start()
+                    if port == 0:  # aiohttp exposes the bound port only through the asyncio server
+                        port = site._server.sockets[0].getsockname()[1]
+                return port
+            except OSError as exc:
+                for site in sites:
+                    try:
+                        await site.stop()
+                    except RuntimeError:  # never registered
+                        pass
+                retry = (not self.port and len(sites) > 1 and exc.errno == errno.EADDRINUSE
+                         and attempt + 1 < attempts)
+                if not retry:
+                    raise
+                logger.info("SampleServer: port %d taken on %s, trying another", port, sites[-1].name)
+        raise AssertionError("unreachable")
 
     def stop(self) -> None:
         """Closes the listener and open connections, then ends the loop thread. Idempotent."""
@@ -277,14 +390,22 @@ class SampleServer:
         self.stop()
 
     @property
-    def base_url(self) -> str:
+    def base_urls(self) -> list[str]:
+        """``http://ADDRESS:PORT`` of every host, in address order (``hosts`` of them)."""
         if self._bound_port is None:
             raise RuntimeError("SampleServer not started")
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self._bound_port}"
+        return [f"http://{f'[{a}]' if ':' in a else a}:{self._bound_port}" for a in self.addresses]
 
-    def url(self, path: str) -> str:
-        return self.base_url + (path if path.startswith("/") else "/" + path)
+    @property
+    def base_url(self) -> str:
+        """The first host's base URL."""
+        return self.base_urls[0]
+
+    def url(self, path: str, host: int = 0) -> str:
+        """``path`` on host number ``host`` (0-based: 0 is ``self.host``)."""
+        if not 0 <= host < self.hosts:
+            raise ValueError(f"host must be in [0, {self.hosts}), got {host!r}")
+        return self.base_urls[host] + (path if path.startswith("/") else "/" + path)
 
     def reset_hits(self) -> None:
         with self._hits_lock:
@@ -558,7 +679,9 @@ class SampleServer:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", default=None, help="directory served under /img/")
-    parser.add_argument("--host", default="127.0.0.1", help="loopback address to bind")
+    parser.add_argument("--host", default="127.0.0.1", help="loopback address to bind (the first)")
+    parser.add_argument("--hosts", type=int, default=1,
+                        help="bind this many consecutive loopback addresses from --host, on one port")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--fault-rate", type=float, default=0.0)
@@ -574,12 +697,16 @@ def main(argv: list[str] | None = None) -> int:
     server = SampleServer(root_dir=args.dir, host=args.host, port=args.port,
                           latency_ms=args.latency_ms, fault_rate=args.fault_rate, seed=args.seed,
                           web_latency_ms=args.web_latency_ms, web_seed=args.web_seed,
-                          web_latency_cap_s=args.web_latency_cap_s, web_slow_s=args.web_slow_s)
+                          web_latency_cap_s=args.web_latency_cap_s, web_slow_s=args.web_slow_s,
+                          hosts=args.hosts)
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     signal.signal(signal.SIGINT, lambda *_: stopped.set())
     server.start()
-    sys.stdout.write(f"LISTENING {server.base_url}\n")  # the contract with the parent process
+    line = f"LISTENING {server.base_url}"  # the contract with the parent process: parse_listening_line
+    if server.hosts > 1:
+        line += f" HOSTS {server.hosts} " + " ".join(server.base_urls)
+    sys.stdout.write(line + "\n")
     sys.stdout.flush()
     try:
         while not stopped.wait(1.0):

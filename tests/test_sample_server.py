@@ -30,11 +30,15 @@ from jobs.sample_data import (
     sample_cases,
     write_url_list,
 )  # noqa: E402
+import jobs.sample_server as sample_server  # noqa: E402
 from jobs.sample_server import (  # noqa: E402
     WEB_FATES,
     WEB_OK_SHARE,
     SampleServer,
+    parse_listening_line,
     web_fate,
+    web_host,
+    web_host_weights,
     web_latency_s,
 )
 
@@ -54,9 +58,9 @@ def server(image_dir):
         yield srv
 
 
-def get(srv: SampleServer, path: str, timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
-    """One GET on a fresh connection, redirects not followed: (status, headers, body)."""
-    host, port = srv.base_url.removeprefix("http://").rsplit(":", 1)
+def get(srv: SampleServer, path: str, timeout: float = 5.0, host: int = 0) -> tuple[int, dict[str, str], bytes]:
+    """One GET on a fresh connection to host number ``host``, redirects not followed: (status, headers, body)."""
+    host, port = srv.base_urls[host].removeprefix("http://").rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
     try:
         conn.request("GET", path)
@@ -424,3 +428,132 @@ def test_web_bad_settings():
         SampleServer(web_latency_ms=-1)
     with pytest.raises(ValueError, match="web_slow_s"):
         SampleServer(web_slow_s=-1)
+
+
+# ---------------------------------------------------------------------- several hosts (hosts=K)
+def test_hosts_serve_one_app_on_one_port(image_dir):
+    name = good_image_names(N_GOOD)[0]
+    with SampleServer(str(image_dir), hosts=3) as srv:
+        port = srv.base_url.rsplit(":", 1)[1]
+        assert srv.base_urls == [f"http://127.0.0.{k}:{port}" for k in (1, 2, 3)]
+        assert srv.base_url == srv.base_urls[0] and srv.url("/x") == srv.url("/x", host=0)
+        assert srv.url(f"/img/{name}", host=2) == f"http://127.0.0.3:{port}/img/{name}"
+        with pytest.raises(ValueError, match="host"):
+            srv.url("/x", host=3)
+        for k in range(3):
+            with urllib.request.urlopen(srv.url(f"/img/{name}?k={k}", host=k), timeout=5) as resp:
+                assert resp.read() == (image_dir / name).read_bytes()
+        assert srv.hits[f"/img/{name}"] == 3  # counted on all hosts together, per path
+        assert [srv.requests[f"/img/{name}?k={k}"] for k in range(3)] == [1, 1, 1]
+    for k in (1, 2, 3):  # every site closed
+        with pytest.raises(OSError):
+            socket.create_connection((f"127.0.0.{k}", int(port)), timeout=1).close()
+
+
+def test_hosts_loopback_only_and_bad_counts():
+    for host, hosts in (("0.0.0.0", 3), ("10.0.0.1", 2), ("127.255.255.254", 3), ("::1", 2)):
+        with pytest.raises(ValueError, match="loopback"):
+            SampleServer(host=host, hosts=hosts)
+    with pytest.raises(ValueError, match="IP address"):
+        SampleServer(host="localhost", hosts=2)
+    for hosts in (0, sample_server.MAX_HOSTS + 1):
+        with pytest.raises(ValueError, match="hosts"):
+            SampleServer(hosts=hosts)
+
+
+def test_hosts_fixed_port_taken_on_a_later_address_fails_cleanly():
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.2", 0))
+    blocker.listen()
+    port = blocker.getsockname()[1]
+    try:
+        with pytest.raises(OSError):
+            SampleServer(host="127.0.0.1", port=port, hosts=3).start()
+        with SampleServer(host="127.0.0.1", port=port) as srv:  # 127.0.0.1:port was let go
+            assert srv.base_url == f"http://127.0.0.1:{port}"
+    finally:
+        blocker.close()
+
+
+def test_hosts_port_zero_retries_when_a_later_address_has_it_taken(monkeypatch):
+    real, failed = sample_server.web.TCPSite, []
+
+    class OnceTaken(real):  # 127.0.0.2 refuses the first port it is given
+        async def start(self):
+            if self._host == "127.0.0.2" and not failed:
+                failed.append(self._port)
+                await super().start()  # registered, then the bind fails as a taken port does
+                self._server.close()
+                self._server = None
+                raise OSError(sample_server.errno.EADDRINUSE, "Address already in use")
+            await super().start()
+
+    monkeypatch.setattr(sample_server.web, "TCPSite", OnceTaken)
+    with SampleServer(hosts=3) as srv:
+        assert len(failed) == 1 and srv.base_url.endswith(f":{srv._bound_port}")
+        assert len({u.rsplit(":", 1)[1] for u in srv.base_urls}) == 1
+        for k in range(3):
+            assert get(srv, "/status/200", host=k)[0] == 200
+
+
+def test_web_fate_is_the_same_on_every_host_and_host_count(image_dir):
+    """A URL's fate depends on its path and query only: the same responses from a 1-host server and
+    from any host of a 3-host one (attempts are counted per path+query on all hosts together)."""
+    paths = [f"/web/{WEB_NAME}?i={k}" for k in range(60)]
+    paths = [p for p in paths if web_fate(0, p).kind not in ("truncated", "slow")]
+    answers = []
+    for hosts in (1, 3):
+        with SampleServer(str(image_dir), web_latency_ms=0.2, hosts=hosts) as srv:
+            answers.append([get(srv, p, host=k % hosts)[0::2] for k, p in enumerate(paths)])
+            if hosts == 3:
+                path = web_url("not_found")
+                assert [get(srv, path, host=k)[0] for k in range(3)] == [404, 404, 404]
+                path = web_url("optout")
+                assert {get(srv, path, host=k)[1]["x-robots-tag"] for k in range(3)} == {"noai"}
+                path = web_url("server_error", fail_attempts=1)
+                assert [get(srv, path, host=k)[0] for k in (2, 0)] == [500, 200]  # 2nd attempt, other host
+                seen = {p for p in paths if web_fate(0, p).kind == "not_found"} | {web_url("not_found")}
+                assert srv.web_stats()["urls"]["not_found"] == len(seen)  # a URL once, whatever the host
+    assert answers[0] == answers[1]
+
+
+def test_cli_hosts_listening_line(image_dir):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.sample_server", "--dir", str(image_dir), "--port", "0", "--hosts", "3"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline().strip()
+        assert line.startswith("LISTENING http://127.0.0.1:") and " HOSTS 3 " in line
+        bases = parse_listening_line(line)
+        port = bases[0].rsplit(":", 1)[1]
+        assert line.split()[1] == bases[0] and bases == [f"http://127.0.0.{k}:{port}" for k in (1, 2, 3)]
+        name = good_image_names(N_GOOD)[0]
+        with urllib.request.urlopen(bases[2] + f"/img/{name}", timeout=5) as resp:
+            assert resp.read() == (image_dir / name).read_bytes()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        proc.stdout.close()
+    assert parse_listening_line("LISTENING http://127.0.0.1:5") == ["http://127.0.0.1:5"]
+    for bad in ("", "LISTEN http://x", "LISTENING http://a:1 HOSTS 0", "LISTENING http://a:1 HOSTS 2 http://a:1",
+                "LISTENING http://a:1 HOSTS 2 http://b:1 http://a:1"):
+        with pytest.raises(ValueError):
+            parse_listening_line(bad)
+
+
+def test_web_host_zipf_shares():
+    w = web_host_weights(64)
+    assert abs(sum(w) - 1) < 1e-12 and w == sorted(w, reverse=True)
+    assert abs(w[0] - 0.2108) < 1e-4 and abs(w[0] / w[1] - 2) < 1e-9  # 1 / H_64; host k weighs 1/(k+1)
+    assert web_host_weights(4, exponent=0) == [0.25] * 4
+    n = 8000
+    hosts = [web_host(0, k, 64) for k in range(n)]
+    assert set(hosts) == set(range(64))
+    sd = (n * w[0] * (1 - w[0])) ** 0.5
+    assert abs(hosts.count(0) - n * w[0]) <= 4 * sd
+    assert hosts.count(0) > hosts.count(1) > hosts.count(10)
+    assert [web_host(0, k, 64) for k in range(n)] == hosts  # per index: deterministic, any list length
+    assert [web_host(1, k, 64) for k in range(n)] != hosts
+    assert {web_host(0, k, 1) for k in range(100)} == {0}
+    with pytest.raises(ValueError):
+        web_host_weights(0)
