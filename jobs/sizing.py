@@ -104,8 +104,8 @@ def fit_pipeline(download: StageNeed, models: list[StageNeed], cluster_cpus: flo
     """Size the pools so that every operator runs at once, or raise :class:`ResourceError`.
 
     Model stages get their ``pool_min`` first, then grow towards ``pool_max`` (GPUs are usually
-    what limits them); the download pool takes the CPUs left, up to ``pool_max`` (None: all),
-    after the write tasks (and unfused reads) it needs. A configured ``pool_min`` the cluster
+    what limits them); the download pool, of a fixed size, takes the CPUs left, up to ``pool_max``
+    (None: all), after the write tasks (and unfused reads) it needs. A configured ``pool_min`` the cluster
     cannot hold together with the rest is lowered, with a warning; fewer than one actor of any
     stage is an error.
     """
@@ -161,6 +161,9 @@ def fit_pipeline(download: StageNeed, models: list[StageNeed], cluster_cpus: flo
         log.warning("download.pool_min %d lowered to %d: %d download actors of %g CPU fit beside the other "
                     "operators on %g CPUs%s", download.pool_min, n, n, download.cpus, cluster_cpus,
                     " (with Ray Data's checkpoint filter of a resumed wave)" if resuming else "")
-    plan.pools = {"download": (min(download.pool_min, n), n), **plan.pools}
+    # A fixed-size pool: Ray Data's actor autoscaler does not grow a pool whose actors take a few
+    # concurrent calls each (its utilization threshold cannot be reached), so a pool started at
+    # pool_min would stay there; the sized n is what fits, and the download tier should use it.
+    plan.pools = {"download": (n, n), **plan.pools}
     plan.stage_cpus["download"], plan.stage_gpus["download"] = download.cpus, 0.0
     return plan

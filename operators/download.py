@@ -45,7 +45,11 @@ class DownloadConfig(BaseModel):
 
     timeout_s: float = Field(10.0, gt=0, description="total time for one attempt")
     connect_timeout_s: float = Field(5.0, gt=0)
-    retries: int = Field(2, ge=0, le=10, description="extra attempts on timeouts, 5xx, 429, connection errors")
+    retries: int = Field(2, ge=0, le=10, description="extra attempts on 5xx, 429, connection errors (and timeouts "
+                                                     "with retry_timeouts)")
+    # A server that let the whole timeout pass seldom answers the next try in time, and every try
+    # costs another timeout_s: at the end of a wave, one such URL holds it for (retries + 1) x timeout_s.
+    retry_timeouts: bool = Field(False, description="retry attempts that timed out, too")
     backoff_base_s: float = Field(0.5, ge=0)
     backoff_max_s: float = Field(30.0, ge=0, description="cap on backoff and on honoured Retry-After")
     concurrency: int = Field(128, ge=1, description="open requests per actor")
@@ -539,7 +543,7 @@ class HttpDownloader(Operator):
                 return Fetched(status=FAILED, reason="tls_error", message=str(exc)[:300], final_url=current)
             except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
                 return Fetched(status=FAILED, reason="timeout", message=type(exc).__name__, final_url=current,
-                               retryable=True)
+                               retryable=c.retry_timeouts)
             except aiohttp.InvalidURL as exc:
                 return Fetched(status=FAILED, reason="invalid_url", message=str(exc)[:300], final_url=current)
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError) as exc:

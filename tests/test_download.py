@@ -67,8 +67,13 @@ def test_5xx_is_retried_then_recorded(fetch, image_server):
 
 
 def test_timeout_is_retried_then_recorded(fetch):
-    row = one(fetch, "/slow/5/00001.jpg", timeout_s=0.3, retries=1)
+    row = one(fetch, "/slow/5/00001.jpg", timeout_s=0.3, retries=1, retry_timeouts=True)
     assert row["drop_reason"] == "timeout" and row["download_attempts"] == 2
+
+
+def test_timeout_is_not_retried_by_default(fetch):
+    row = one(fetch, "/slow/5/00001.jpg", timeout_s=0.3, retries=2)
+    assert row["drop_reason"] == "timeout" and row["download_attempts"] == 1
 
 
 def test_flaky_503_recovers(fetch):
