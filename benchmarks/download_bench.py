@@ -33,14 +33,17 @@ not: on one host the benchmark would measure that cap, not the crawler. A URL's 
 on its host, so it is the same as on one host.
 
 - img2dataset runs ``download(...)`` in a subprocess: 2 processes, 64 threads each, retries=2,
-  timeout=10, and imgcurate's default image settings (``operators.images.ImageConfig``: image_size,
+  timeout=10, one shard per process (its best case: a shard ends with its slowest URL, so smaller
+  shards would each wait in turn), and imgcurate's default image settings (``operators.images.ImageConfig``: image_size,
   resize_mode, encode_format, encode_quality); it honours ``X-Robots-Tag: noai`` by its own default,
   as ours does.
 - imgcurate runs ``python -m jobs.curate CONFIG`` in a subprocess with its DEFAULT config: the
   config holds only the input and output, ``download.allow_loopback: true`` (the server is on
   127.0.0.1) and ``ray.node_ip_address: 127.0.0.1`` (where its own local Ray binds), plus
-  ``images.image_size`` if ``--image-size`` is given. Its download defaults are retries 2 and
-  timeout 10 s; its default reduced JPEG decode (``images.reduce_on_decode``) applies to the largest
+  ``images.image_size`` if ``--image-size`` is given. Its download defaults are retries 2 (on 5xx,
+  429, connection errors and truncated bodies; img2dataset retries every failure, 404s and timeouts
+  included) and timeout 10 s, not retried (``download.retry_timeouts`` false; ``--set
+  download.retry_timeouts=true`` measures ours retrying them as img2dataset does); its default reduced JPEG decode (``images.reduce_on_decode``) applies to the largest
   images (not img2dataset's exact pixels there). ``--set`` / ``--job-env`` are for experiments; the
   report lists any that were used.
 

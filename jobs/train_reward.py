@@ -41,6 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from jobs.sizing import ResourceError
 from operators.clip import ClipConfig
 from operators.clip import model_report as clip_model_report
 from operators.reward import (
@@ -586,6 +587,24 @@ def _write_bytes(path: str, data: bytes, storage: StorageConfig | None) -> None:
     fs.mv(p + ".tmp", p)
 
 
+# Ray Data's read and split tasks feed the workers while they train: they need CPUs beside the
+# workers', or the workers wait for data that never comes (Ray Data's default is 1 CPU a task).
+INGEST_TASK_CPUS = 0.25
+
+
+def check_fits(cfg: TrainRewardConfig, cluster: dict) -> None:
+    """Refuse, naming the flags, a run whose workers and data ingest cannot all run at once."""
+    need_cpus = cfg.num_workers * cfg.cpus_per_worker + INGEST_TASK_CPUS
+    have_cpus, have_gpus = float(cluster.get("CPU", 0.0)), float(cluster.get("GPU", 0.0))
+    if need_cpus > have_cpus + 1e-9 or (cfg.use_gpu and cfg.num_workers > have_gpus):
+        raise ResourceError(
+            f"{cfg.num_workers} Ray Train worker(s) of {cfg.cpus_per_worker:g} CPU"
+            f"{' and 1 GPU' if cfg.use_gpu else ''} plus {INGEST_TASK_CPUS:g} CPU of data ingest need "
+            f"{need_cpus:g} CPUs{f' and {cfg.num_workers} GPUs' if cfg.use_gpu else ''}; the cluster has "
+            f"{have_cpus:g} CPUs and {have_gpus:g} GPUs. Change --num-workers or --cpus-per-worker "
+            "(or --ray-num-cpus for a local Ray)")
+
+
 def run(cfg: TrainRewardConfig) -> TrainReport:
     """Split, train on Ray Train, copy the head to OUT/reward_head.pt and write the report (Ray must be up)."""
     import ray
@@ -593,11 +612,14 @@ def run(cfg: TrainRewardConfig) -> TrainReport:
     from ray.train.torch import TorchTrainer
 
     t0 = time.time()
+    check_fits(cfg, ray.cluster_resources())
     data_fs, data_path = arrow_fs(cfg.data, cfg.storage)
-    ds = ray.data.read_parquet(data_path, filesystem=data_fs)
+    ds = ray.data.read_parquet(data_path, filesystem=data_fs, num_cpus=INGEST_TASK_CPUS)
     split = {"val_fraction": cfg.val_fraction, "seed": cfg.seed}
-    train_ds = ds.map_batches(_keep_split, fn_kwargs={"val": False, **split}, batch_format="pyarrow")
-    val_ds = ds.map_batches(_keep_split, fn_kwargs={"val": True, **split}, batch_format="pyarrow")
+    train_ds = ds.map_batches(_keep_split, fn_kwargs={"val": False, **split}, batch_format="pyarrow",
+                              num_cpus=INGEST_TASK_CPUS)
+    val_ds = ds.map_batches(_keep_split, fn_kwargs={"val": True, **split}, batch_format="pyarrow",
+                            num_cpus=INGEST_TASK_CPUS)
     out_fs, out_path = arrow_fs(cfg.out, cfg.storage)
     per_worker = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     trainer = TorchTrainer(
@@ -643,6 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-rows", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs each Ray Train worker asks for")
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
@@ -676,6 +699,7 @@ def config_from_args(args) -> TrainRewardConfig:
         head_hidden=[int(x) for x in args.head_hidden.split(",") if x.strip()],
         unfreeze_last_blocks=args.unfreeze_last_blocks, epochs=args.epochs, lr=args.lr, batch_rows=args.batch_rows,
         ties=args.ties, val_fraction=args.val_fraction, seed=args.seed, num_workers=args.num_workers,
+        cpus_per_worker=args.cpus_per_worker,
         use_gpu=args.use_gpu, storage=StorageConfig(endpoint_url=args.endpoint_url))
 
 
@@ -705,7 +729,11 @@ def main(argv: list[str] | None = None) -> int:
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = args.progress_bars
-    report = run(cfg)
+    try:
+        report = run(cfg)
+    except ResourceError as exc:  # check_fits: the workers and the ingest do not fit the cluster
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(report.text())
     print(json.dumps({k: report.metrics.get(k) for k in ("val_accuracy", "val_accuracy_untrained",
                                                          "val_accuracy_clip")}))

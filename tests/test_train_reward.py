@@ -130,6 +130,16 @@ def test_ties_only_do_not_push_a_direction(synthetic, signal_fit):
     assert abs(m["val_accuracy"] - 0.5) < abs(signal["val_accuracy"] - 0.5) - 0.2
 
 
+def test_refuses_workers_that_leave_no_cpu_for_data_ingest():
+    from jobs.sizing import ResourceError
+    from jobs.train_reward import TrainRewardConfig, check_fits
+
+    cfg = TrainRewardConfig(data="d", out="o", num_workers=2, cpus_per_worker=1.0)
+    with pytest.raises(ResourceError, match="--cpus-per-worker"):
+        check_fits(cfg, {"CPU": 2.0})
+    check_fits(cfg.model_copy(update={"cpus_per_worker": 0.5}), {"CPU": 2.0})
+
+
 # --- Ray Train: the CLI, two CPU workers, checkpoint to the loopback S3 server ------------------------------------
 @pytest.mark.slow
 def test_cli_trains_on_ray_train_and_the_scorer_loads_the_s3_checkpoint(ray_session, s3_server, s3fs_client,
@@ -142,6 +152,7 @@ def test_cli_trains_on_ray_train_and_the_scorer_loads_the_s3_checkpoint(ray_sess
     rc = main(["--data", str(data), "--out", "s3://imgcurate-train/reward", "--endpoint-url", s3_server,
                "--backbone-model", "imgcurate-tiny-clip", "--backbone-pretrained", "none",
                "--model-config-path", tiny_backbone().model_config_path, "--num-workers", "2",
+               "--cpus-per-worker", "0.5",  # two workers and the data ingest fit the tests' 2 CPUs
                "--epochs", "60", "--lr", "3e-3", "--batch-rows", "16",
                "--val-fraction", "0.25"])
     assert rc == 0
