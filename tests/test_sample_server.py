@@ -171,11 +171,14 @@ def test_loopback_only():
         SampleServer(fault_rate=1.5)
 
 
+def start_cli(image_dir, *flags: str) -> subprocess.Popen:
+    """``python -m jobs.sample_server`` on a free port with ``flags``; the caller kills it."""
+    return subprocess.Popen([sys.executable, "-m", "jobs.sample_server", "--dir", str(image_dir), "--port", "0",
+                             *flags], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+
+
 def test_cli_prints_listening_line(image_dir):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jobs.sample_server", "--dir", str(image_dir), "--port", "0",
-         "--latency-ms", "5", "--fault-rate", "0", "--seed", "0"],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    proc = start_cli(image_dir, "--latency-ms", "5", "--fault-rate", "0", "--seed", "0")
     try:
         line = proc.stdout.readline().strip()
         assert line.startswith("LISTENING http://127.0.0.1:")
@@ -405,10 +408,7 @@ def test_web_fates_over_http(web_server, image_dir):
 
 
 def test_web_cli_flags(image_dir):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jobs.sample_server", "--dir", str(image_dir), "--port", "0",
-         "--web-latency-ms", "1", "--web-seed", "5", "--web-slow-s", "0"],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    proc = start_cli(image_dir, "--web-latency-ms", "1", "--web-seed", "5", "--web-slow-s", "0")
     try:
         base = proc.stdout.readline().strip().split()[1]
         path = web_url("not_found", seed=5)
@@ -518,9 +518,7 @@ def test_web_fate_is_the_same_on_every_host_and_host_count(image_dir):
 
 
 def test_cli_hosts_listening_line(image_dir):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jobs.sample_server", "--dir", str(image_dir), "--port", "0", "--hosts", "3"],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    proc = start_cli(image_dir, "--hosts", "3")
     try:
         line = proc.stdout.readline().strip()
         assert line.startswith("LISTENING http://127.0.0.1:") and " HOSTS 3 " in line
