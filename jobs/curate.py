@@ -239,12 +239,9 @@ def wave_dataset(cfg: JobConfig, groups: list[list[str]], plan: PipelinePlan):
     runs as small tasks of its own."""
     fs, _ = arrow_fs(cfg.output.path, cfg.storage)
     groups = [[arrow_fs(f, cfg.storage)[1] for f in g] for g in groups]
-    if plan.read_fused:
-        ds = ray.data.read_datasource(SampleShards(groups, fs), override_num_blocks=len(groups),
-                                      num_cpus=download_actor_cpus(cfg))
-    else:
-        ds = ray.data.read_datasource(SampleShards(groups, fs), override_num_blocks=len(groups),
-                                      num_cpus=plan.read_cpus, concurrency=plan.read_concurrency)
+    tasks = ({"num_cpus": download_actor_cpus(cfg)} if plan.read_fused
+             else {"num_cpus": plan.read_cpus, "concurrency": plan.read_concurrency})
+    ds = ray.data.read_datasource(SampleShards(groups, fs), override_num_blocks=len(groups), **tasks)
     return build_pipeline(cfg, ds, plan)
 
 
@@ -431,6 +428,10 @@ def summary_table(manifest: dict) -> str:
     lines += [rule, f"{manifest['input_rows']} input rows -> {manifest['samples']} samples; "
               f"plan {t['plan_s']:.1f}s, download+images {t['phase1_s']:.1f}s "
               f"({manifest['throughput_samples_per_s']:.1f} samples/s), total {t['total_s']:.1f}s"]
+    if manifest.get("download"):
+        d = manifest["download"]
+        lines.append(f"download: {d['mean_open_requests']:.1f} open requests per actor on average while it had work, "
+                     f"of download.concurrency {d['concurrency']} ({d['occupancy']:.0%})")
     for name, sel in (manifest.get("selections") or {}).items():
         lines.append(f"phase 2 {name}: top {sel['fraction']:g} of {sel['scored']} scored samples, threshold "
                      f"{sel['threshold']:.4f}, {sel['kept']} kept (final status per sample in {sel['sidecars']})")
