@@ -27,13 +27,19 @@ def slow_server(sample_dir):
         yield server
 
 
-def write_job(tmp_path: Path, server) -> Path:
-    names = [n for n in good_image_names(N_GOOD)]
+def write_urls(tmp_path: Path, server) -> Path:
+    """N_SAMPLES distinct URLs cycling through the sample's good images."""
+    names = good_image_names(N_GOOD)
     urls = tmp_path / "urls.csv"
     with open(urls, "w") as f:
         f.write("url,caption\n")
         for i in range(N_SAMPLES):
             f.write(f"{server.url('/img/' + names[i % len(names)])}?copy={i},caption {i}\n")
+    return urls
+
+
+def write_job(tmp_path: Path, server) -> Path:
+    urls = write_urls(tmp_path, server)
     cfg = yaml.safe_load((ROOT / "configs" / "dryrun.yaml").read_text())
     cfg["input"] = {"paths": [str(urls)], "caption_columns": ["caption"]}
     cfg["output"] = {"path": str(tmp_path / "out")}
@@ -65,12 +71,7 @@ JOB_TIMEOUT_S = 300  # a run that takes longer is a hang: it is killed and the t
 
 
 def write_sized_job(tmp_path: Path, server, sizing: str) -> Path:
-    names = good_image_names(N_GOOD)
-    urls = tmp_path / "urls.csv"
-    with open(urls, "w") as f:
-        f.write("url,caption\n")
-        for i in range(N_SAMPLES):
-            f.write(f"{server.url('/img/' + names[i % len(names)])}?copy={i},caption {i}\n")
+    urls = write_urls(tmp_path, server)
     cfg = {"input": {"paths": [str(urls)], "caption_columns": ["caption"]}, "output": {"path": str(tmp_path / "out")},
            "download": {"allow_loopback": True, "concurrency": 2, "yield_rows": 2}, "ray": {"progress_bars": False}}
     for section, values in SIZINGS[sizing].items():
