@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from jobs.select import SelectionConfig
+from operators.selection import SelectionConfig
 from operators.clip import ClipConfig
 from operators.download import DownloadConfig
 from operators.images import ImageConfig

@@ -13,26 +13,13 @@ import posixpath
 import numpy as np
 import pyarrow.parquet as pq
 import ray
-from pydantic import BaseModel, ConfigDict, Field
-
 from operators.base import count_outcomes
-from operators.selection import BINS, finish_threshold, high_histogram, locate_high, low_histogram, scores_of
-from operators.selection import apply_threshold
+from operators.selection import BINS, exact_top_threshold, high_histogram, low_histogram, scores_of
+from operators.selection import TOP_FRACTION_REASON, apply_threshold
 from operators.storage import StorageConfig, arrow_fs, join, write_json_atomic
 
 log = logging.getLogger(__name__)
 SIDE_COLUMNS = ["sample_id", "status", "drop_stage", "drop_reason", "error_message"]
-
-
-class SelectionConfig(BaseModel):
-    """Phase-2 selections (``selection:`` in the job config)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    clip_top_fraction: float | None = Field(None, gt=0, le=1, description="keep the top fraction by clip_score "
-                                                                         "over the whole run (DataComp: 0.3)")
-    reward_top_fraction: float | None = Field(None, gt=0, le=1, description="keep the top fraction by reward over "
-                                                                           "the whole run (Compress & Align: <= 0.3)")
 
 
 def _read(path: str, columns: list[str], root: str, storage: StorageConfig | None):
@@ -60,18 +47,15 @@ def _apply(path, column, threshold, out_dir, reason, root, storage):
 def top_fraction(files: list[str], column: str, fraction: float, out_dir: str, root: str,
                  storage: StorageConfig | None) -> dict:
     """Exact global top-``fraction`` by ``column``; writes sidecars under ``out_dir``."""
-    hi = ray.remote(num_cpus=1)(_hist_high)
-    hist = np.zeros(BINS, np.int64)
-    for h in ray.get([hi.remote(f, column, root, storage) for f in files]):
-        hist += h
-    cut = locate_high(hist, fraction)
-    if cut.high is not None:
-        lo = ray.remote(num_cpus=1)(_hist_low)
-        low = np.zeros(BINS, np.int64)
-        for h in ray.get([lo.remote(f, column, cut.high, root, storage) for f in files]):
-            low += h
-        cut = finish_threshold(cut, low)
-    reason = f"{column}_not_top_{fraction:g}"
+    def merged(fn, *args) -> np.ndarray:
+        task = ray.remote(num_cpus=1)(fn)
+        hist = np.zeros(BINS, np.int64)
+        for h in ray.get([task.remote(f, column, *args, root, storage) for f in files]):
+            hist += h
+        return hist
+
+    cut = exact_top_threshold(fraction, lambda: merged(_hist_high), lambda high: merged(_hist_low, high))
+    reason = TOP_FRACTION_REASON.format(column=column, fraction=fraction)
     ap = ray.remote(num_cpus=1)(_apply)
     outcomes: dict[str, int] = {}
     for c in ray.get([ap.remote(f, column, cut.threshold, out_dir, reason, root, storage) for f in files]):
@@ -87,18 +71,8 @@ def top_fraction(files: list[str], column: str, fraction: float, out_dir: str, r
 
 
 def run_selection(cfg, files: list[str]) -> dict:
-    """All configured phase-2 selections; returns their reports by name."""
-    out = {}
-    if cfg.selection.clip_top_fraction is not None:
-        if not cfg.clip.enabled:
-            raise ValueError("selection.clip_top_fraction needs clip.enabled: true")
-        out["clip_top_fraction"] = top_fraction(
-            files, "clip_score", cfg.selection.clip_top_fraction,
-            join(cfg.output.path, "selection", "clip_top_fraction"), cfg.output.path, cfg.storage)
-    if cfg.selection.reward_top_fraction is not None:
-        if not cfg.reward.enabled:
-            raise ValueError("selection.reward_top_fraction needs reward.enabled: true")
-        rep = top_fraction(files, "reward", cfg.selection.reward_top_fraction,
-                           join(cfg.output.path, "selection", "reward_top_fraction"), cfg.output.path, cfg.storage)
-        out["reward_top_fraction"] = rep
-    return out
+    """All configured phase-2 selections; returns their reports by name (the job checked before
+    launch that each score column is written by an enabled stage)."""
+    return {name: top_fraction(files, column, fraction, join(cfg.output.path, "selection", name), cfg.output.path,
+                               cfg.storage)
+            for name, (column, fraction) in cfg.selection.fractions().items()}

@@ -27,7 +27,7 @@ from urllib.parse import urljoin, urlsplit
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from operators.base import DROPPED, FAILED, KEPT, Operator, Resources, alive_mask, mark, set_columns
+from operators.base import DROPPED, FAILED, KEPT, Columns, DropReason, Operator, Resources, alive_mask, mark, set_columns
 from operators.netguard import AddressPolicy, GuardedResolver, GuardedSocketFactory, is_ssrf_block, parse_ip, url_host
 
 log = logging.getLogger(__name__)
@@ -271,6 +271,31 @@ class HttpDownloader(Operator):
     reads = ("sample_id", "url", "status")
     writes = ("image_bytes", "http_status", "content_type", "final_url", "download_attempts", "download_ms",
               "download_open_request_s", "download_active_s")
+    reasons = (
+        DropReason("http_{code}", FAILED, "the server answered with this HTTP status (after retries for 5xx and 429)"),
+        DropReason("timeout", FAILED, "no answer within download.timeout_s (retried only with download.retry_timeouts)"),
+        DropReason("dns_error", FAILED, "the host name does not resolve"),
+        DropReason("connection_error", FAILED, "the connection failed or was reset (after retries)"),
+        DropReason("tls_error", FAILED, "the TLS handshake failed"),
+        DropReason("http_error", FAILED, "a malformed HTTP response or a truncated body (after retries)"),
+        DropReason("invalid_url", FAILED, "a URL aiohttp cannot request"),
+        DropReason("ssrf_blocked", DROPPED, "the URL, or a redirect, leads to a private, loopback, link-local, "
+                                            "metadata or reserved address the config does not allow"),
+        DropReason("robots_{directive}", DROPPED, "an X-Robots-Tag opt-out (noai, noimageai, noindex, noimageindex)"),
+        DropReason("too_large", DROPPED, "the body is over download.max_bytes"),
+        DropReason("empty_body", FAILED, "the server sent no bytes"),
+        DropReason("not_image", DROPPED, "the bytes are not an image (HTML, text, ...), whatever the Content-Type"),
+        DropReason("too_many_redirects", FAILED, "more than download.max_redirects redirects"),
+        DropReason("bad_redirect", FAILED, "a redirect without a usable Location"),
+        DropReason("internal_error", FAILED, "a bug in the downloader; the message has the exception"),
+    )
+    types = {"image_bytes": pa.binary(), "http_status": pa.int16(), "content_type": pa.string(),
+             "final_url": pa.string(), "download_attempts": pa.int8(), "download_ms": pa.float32(),
+             "download_open_request_s": pa.float64(), "download_active_s": pa.float64()}
+
+    @classmethod
+    def columns(cls, config=None) -> Columns:
+        return Columns(cls.reads, dict(cls.types))
 
     def __init__(self, config: DownloadConfig | dict | None = None, then: Operator | None = None,
                  then_threads: int | None = None):
@@ -363,9 +388,7 @@ class HttpDownloader(Operator):
         No batch barrier: one slow URL holds back only its own chunk, and finished
         images flow downstream while the rest of the batch is still downloading.
         """
-        missing = [c for c in self.reads if c not in batch.column_names]
-        if missing:
-            raise KeyError(f"{self.name}: input lacks columns {missing}")
+        self.check_input(batch)
         alive = alive_mask(batch)
         dead = [i for i, a in enumerate(alive) if not a]
         if dead:
@@ -394,10 +417,15 @@ class HttpDownloader(Operator):
         an Arrow column only to be copied out again, and only its output crosses the object store."""
         raw = getattr(self.then, "process_raw", None)
         chunk, bodies = self._assemble(batch, idx, results, bodies_column=raw is None)
+        self.check_output(chunk, exempt=() if raw is None else ("image_bytes",))
         if self.then is None:
             return chunk
         with self._then_slots or contextlib.nullcontext():
-            return raw(chunk, bodies) if raw is not None else self.then(chunk)
+            if raw is None:
+                return self.then(chunk)
+            out = raw(chunk, bodies)
+            self.then.check_output(out, chunk)
+            return out
 
     def window(self) -> int:
         """Rows of one call downloading or downloaded but not yet taken by the caller."""

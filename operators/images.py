@@ -19,7 +19,7 @@ from typing import ClassVar, Literal
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from operators.base import DROPPED, FAILED, Operator, Resources, alive_mask, mark, set_columns
+from operators.base import DECODE_ERROR, DROPPED, FAILED, Columns, DropReason, Operator, Resources, alive_mask, mark, set_columns
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,20 @@ class ImageProcessor(Operator):
     name: ClassVar[str] = "image"
     reads = ("status", "image_bytes")
     writes = ("image", "sha256", "orig_width", "orig_height", "width", "height", "image_format")
+    types = {"image": pa.binary(), "sha256": pa.string(), "orig_width": pa.int32(), "orig_height": pa.int32(),
+             "width": pa.int32(), "height": pa.int32(), "image_format": pa.string()}
+    reasons = (
+        DECODE_ERROR,
+        DropReason("too_many_pixels", DROPPED, "more than images.max_pixels pixels (read from the header, "
+                                               "before decoding)"),
+        DropReason("too_small", DROPPED, "the smaller side is under images.min_image_size"),
+        DropReason("aspect_ratio", DROPPED, "the aspect ratio is over images.max_aspect_ratio"),
+        DropReason("no_bytes", FAILED, "no image bytes reached the image stage"),
+    )
+
+    @classmethod
+    def columns(cls, config=None) -> Columns:
+        return Columns(cls.reads, dict(cls.types))
 
     def __init__(self, config: ImageConfig | dict | None = None):
         self.config = config if isinstance(config, ImageConfig) else ImageConfig(**(config or {}))
@@ -99,9 +113,7 @@ class ImageProcessor(Operator):
             outcomes[i] = outcome
             for k, v in res.items():
                 cols[k][i] = v
-        types = {"image": pa.binary(), "sha256": pa.string(), "orig_width": pa.int32(), "orig_height": pa.int32(),
-                 "width": pa.int32(), "height": pa.int32(), "image_format": pa.string()}
-        batch = set_columns(batch, {k: pa.array(v, types[k]) for k, v in cols.items()})
+        batch = set_columns(batch, {k: pa.array(v, self.types[k]) for k, v in cols.items()})
         return mark(batch, self.name, outcomes)
 
     def _one(self, data: bytes):

@@ -15,11 +15,36 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from typing import Callable
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict, Field
+
+from operators.base import DROPPED, DropReason
 
 BINS = 1 << 16
+TOP_FRACTION_REASON = DropReason("{column}_not_top_{fraction}", DROPPED,
+                                 "below the global top fraction by that score (selection.clip_top_fraction: "
+                                 "`clip_score_not_top_0.3`; selection.reward_top_fraction: `reward_not_top_0.3`)")
+
+
+class SelectionConfig(BaseModel):
+    """Phase-2 selections (``selection:`` in the job config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    clip_top_fraction: float | None = Field(None, gt=0, le=1, description="keep the top fraction by clip_score "
+                                                                         "over the whole run (DataComp: 0.3)")
+    reward_top_fraction: float | None = Field(None, gt=0, le=1, description="keep the top fraction by reward over "
+                                                                           "the whole run (Compress & Align: <= 0.3)")
+
+    def fractions(self) -> dict[str, tuple[str, float]]:
+        """The configured selections: name -> (score column, fraction)."""
+        picked = {"clip_top_fraction": ("clip_score", self.clip_top_fraction),
+                  "reward_top_fraction": ("reward", self.reward_top_fraction)}
+        return {k: v for k, v in picked.items() if v[1] is not None}
 
 
 def sortable_keys(values: np.ndarray) -> np.ndarray:
@@ -95,23 +120,20 @@ def finish_threshold(cut: Cut, low_hist: np.ndarray) -> Cut:
     return cut
 
 
-def exact_top_threshold(chunks, fraction: float) -> Cut:
-    """Exact threshold over an iterable-producing callable ``chunks()`` of score arrays (two passes)."""
-    hist = np.zeros(BINS, np.int64)
-    for c in chunks():
-        hist += high_histogram(c)
-    cut = locate_high(hist, fraction)
+def exact_top_threshold(fraction: float, high_pass: Callable[[], np.ndarray],
+                        low_pass: Callable[[int], np.ndarray]) -> Cut:
+    """Exact threshold from two passes over the scores: ``high_pass()`` returns the merged
+    ``high_histogram`` of all scores, ``low_pass(high)`` the merged ``low_histogram`` inside the
+    high bucket that holds the cut (phase 2 runs each pass as one Ray task per file)."""
+    cut = locate_high(high_pass(), fraction)
     if cut.high is None:
         return cut
-    low = np.zeros(BINS, np.int64)
-    for c in chunks():
-        low += low_histogram(c, cut.high)
-    return finish_threshold(cut, low)
+    return finish_threshold(cut, low_pass(cut.high))
 
 
 def apply_threshold(table: pa.Table, column: str, threshold: float, stage: str, reason: str) -> pa.Table:
     """Final status of each row: kept rows below the threshold (or without a score) are dropped."""
-    from operators.base import DROPPED, KEPT, mark
+    from operators.base import KEPT, mark
 
     scores = table.column(column).to_pylist()
     status = table.column("status").to_pylist()

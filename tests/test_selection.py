@@ -8,7 +8,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from operators.selection import apply_threshold, exact_top_threshold, key_to_float, sortable_keys
+from operators.selection import (apply_threshold, exact_top_threshold, high_histogram, key_to_float, low_histogram,
+                                 sortable_keys)
+
+
+def top_threshold(chunks, fraction: float):
+    """exact_top_threshold with both passes over in-memory chunks (phase 2 runs them as Ray tasks)."""
+    return exact_top_threshold(fraction, lambda: sum(high_histogram(c) for c in chunks),
+                               lambda high: sum(low_histogram(c, high) for c in chunks))
 
 
 def threshold_by_sort(scores: np.ndarray, fraction: float) -> float:
@@ -22,7 +29,7 @@ def test_matches_full_sort(fraction):
     scores = np.concatenate([rng.normal(0.25, 0.08, 20000), rng.uniform(-1, 1, 500),
                              np.full(300, 0.3)]).astype(np.float32)  # ties, negatives
     chunks = np.array_split(scores, 7)
-    cut = exact_top_threshold(lambda: iter(chunks), fraction)
+    cut = top_threshold(chunks, fraction)
     assert cut.threshold == threshold_by_sort(scores, fraction)
     assert cut.n == len(scores) and cut.k == math.ceil(fraction * len(scores))
     assert (scores >= cut.threshold).sum() >= cut.k
@@ -30,19 +37,19 @@ def test_matches_full_sort(fraction):
 
 def test_ties_at_threshold_are_all_kept():
     scores = np.array([0.9, 0.5, 0.5, 0.5, 0.1], np.float32)
-    cut = exact_top_threshold(lambda: iter([scores]), 0.4)  # k = 2
+    cut = top_threshold([scores], 0.4)  # k = 2
     assert cut.threshold == np.float32(0.5)
     assert (scores >= cut.threshold).sum() == 4
 
 
 def test_empty_input_keeps_nothing():
-    cut = exact_top_threshold(lambda: iter([np.array([], np.float32)]), 0.3)
+    cut = top_threshold([np.array([], np.float32)], 0.3)
     assert cut.n == 0 and cut.threshold == math.inf
 
 
 def test_bad_fraction():
     with pytest.raises(ValueError, match="fraction"):
-        exact_top_threshold(lambda: iter([np.ones(3, np.float32)]), 1.5)
+        top_threshold([np.ones(3, np.float32)], 1.5)
 
 
 def test_sortable_keys_preserve_order_and_invert():
