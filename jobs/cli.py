@@ -16,7 +16,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run (or resume) the job described by CONFIG")
     run.add_argument("config")
-    val = sub.add_parser("validate", help="check CONFIG and print it with every default filled in")
+    val = sub.add_parser("validate", help="check CONFIG, print it with every default filled in, then the chain of "
+                                          "stages: what each reads and writes, where it runs, its model")
     val.add_argument("config")
     val.add_argument("--check-inputs", action="store_true", help="also list the input files (reads storage)")
     dry = sub.add_parser("dry-run", help="serve the bundled sample on 127.0.0.1 and run configs/dryrun.yaml")
@@ -41,7 +42,11 @@ def main(argv: list[str] | None = None) -> int:
 
                 files = expand_paths(cfg.input, cfg.storage)
                 print(f"{len(files)} input file(s), first: {files[0]}", file=sys.stderr)
+            from jobs.stages import describe
+
             print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+            print("\nthe chain (stage [where it runs], the columns it reads and writes, its model):")
+            print(describe(cfg))
             print("config OK", file=sys.stderr)
             return 0
         from jobs import curate

@@ -12,15 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from operators.selection import SelectionConfig
-from operators.clip import ClipConfig
-from operators.download import DownloadConfig
-from operators.images import ImageConfig
-from operators.recaption import RecaptionConfig
-from operators.reward import RewardConfig
-from operators.safety import SafetyConfig
+from jobs.stages import STAGES, config_errors
 from operators.sources import SourceConfig
 from operators.storage import StorageConfig
 
@@ -77,42 +71,49 @@ class RayConfig(BaseModel):
     checkpoint: bool = Field(True, description="row-level resume with Ray Data checkpointing")
 
 
-class JobConfig(BaseModel):
+class _JobBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = "imgcurate"
+    name: str = Field("imgcurate", description="run name")
     input: SourceConfig
     output: OutputConfig
     storage: StorageConfig = StorageConfig()
     plan: PlanConfig = PlanConfig()
-    download: DownloadConfig = DownloadConfig()
-    images: ImageConfig = ImageConfig()
-    clip: ClipConfig = ClipConfig()
-    safety: SafetyConfig = SafetyConfig()
-    recaption: RecaptionConfig = RecaptionConfig()
-    reward: RewardConfig = RewardConfig()
-    selection: SelectionConfig = SelectionConfig()
     ray: RayConfig = RayConfig()
 
     def fingerprint(self, *sections: str) -> str:
-        """A hash of the named sections: an output is resumed only by the same config. Keys that say
-        how much runs at once and where (``RESOURCE_KEYS``) are left out: a resume may scale the
-        actor pools or change batch sizes without changing what is written."""
-        data = _without_resource_keys(self.model_dump(mode="json"))
-        picked = {s: data[s] for s in sections} if sections else data
+        """A hash of the named sections (default: every section but ``RUN_SECTIONS``): an output is
+        resumed only by the same config. Keys that say how much runs at once and where
+        (``RESOURCE_KEYS``, ``LOCATION_KEYS``) are left out: a resume may scale the actor pools or
+        change batch sizes without changing what is written. A new stage's section is covered
+        without anyone listing it."""
+        data = _without_keys(self.model_dump(mode="json"))
+        picked = {s: data[s] for s in sections} if sections else {
+            k: v for k, v in data.items() if k not in RUN_SECTIONS}
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
+
+# The job config: the run sections above, then one section per stage of jobs/stages.py, in order.
+JobConfig = create_model(
+    "JobConfig", __base__=_JobBase, __module__=__name__,
+    **{s.section: (s.config, s.config()) for s in STAGES})
+JobConfig.__doc__ = "The whole job: run sections (where and how) and one section per stage (what)."
+
+# Sections that only say where and how to run: not part of the fingerprint.
+RUN_SECTIONS = frozenset({"name", "output", "storage", "ray"})
+# Keys (in any section) that say where a stage keeps local copies or caches, not what it writes.
+LOCATION_KEYS = frozenset({"cache_dir", "cache_path"})
 
 # Config keys (in any section) that change how the work is scheduled, not its output.
 RESOURCE_KEYS = frozenset({"num_cpus", "num_gpus", "pool_min", "pool_max", "batch_size", "micro_batch",
                            "batches_in_flight", "yield_rows", "scatter_flush_rows", "local_max_bytes"})
 
 
-def _without_resource_keys(node):
+def _without_keys(node):
     if isinstance(node, dict):
-        return {k: _without_resource_keys(v) for k, v in node.items() if k not in RESOURCE_KEYS}
+        return {k: _without_keys(v) for k, v in node.items() if k not in RESOURCE_KEYS and k not in LOCATION_KEYS}
     if isinstance(node, list):
-        return [_without_resource_keys(v) for v in node]
+        return [_without_keys(v) for v in node]
     return node
 
 
@@ -176,35 +177,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cfg = JobConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_error(exc)) from None
-    if cfg.selection.clip_top_fraction is not None and not cfg.clip.enabled:
-        raise ConfigError(f"bad value for 'selection.clip_top_fraction': {cfg.selection.clip_top_fraction!r} "
-                          "(needs clip.enabled: true)")
-    if cfg.clip.model_config_path:
-        cfg.clip.model_config_path = _local_file(cfg.clip.model_config_path, "clip.model_config_path")
-    s = cfg.safety
-    if s.enabled and (s.nsfw or s.aesthetic) and not (cfg.clip.enabled and cfg.clip.write_embeddings):
-        raise ConfigError("bad value for 'safety.nsfw/aesthetic': they need clip.enabled and clip.write_embeddings")
-    if s.enabled and s.rigid and s.rigid.encoder is None and not cfg.clip.enabled:
-        raise ConfigError("bad value for 'safety.rigid.encoder': null needs clip.enabled (or give an encoder)")
-    if s.rigid and s.rigid.encoder and s.rigid.encoder.model_config_path:
-        s.rigid.encoder.model_config_path = _local_file(s.rigid.encoder.model_config_path,
-                                                        "safety.rigid.encoder.model_config_path")
-    r = cfg.reward
-    if r.enabled and r.backbone_type == "open_clip" and r.backbone is None and not cfg.clip.enabled:
-        raise ConfigError("bad value for 'reward.backbone': null needs clip.enabled (or give a backbone)")
-    if r.backbone and r.backbone.model_config_path:
-        r.backbone.model_config_path = _local_file(r.backbone.model_config_path, "reward.backbone.model_config_path")
-    if r.enabled and r.blip_path:
-        r.blip_path = _local_file(r.blip_path, "reward.blip_path")
-    rc = cfg.recaption
-    if rc.enabled and rc.model_config_path:
-        rc.model_config_path = _local_file(rc.model_config_path, "recaption.model_config_path")
-    if rc.enabled and rc.model and rc.model.startswith((".", "/")):  # a local dir, not an HF id, file:// or s3://
-        rc.model = _local_file(rc.model, "recaption.model")
-    if cfg.selection.reward_top_fraction is not None and not r.enabled:
-        raise ConfigError(f"bad value for 'selection.reward_top_fraction': {cfg.selection.reward_top_fraction!r} "
-                          "(needs reward.enabled: true)")
+    errors = config_errors(cfg)
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(f"bad value for {key!r}: {msg}" for key, msg in errors))
+    for s in STAGES:
+        if s.enabled(cfg):
+            for key in s.local_files(cfg):
+                _set_key(cfg, key, _local_file(_get_key(cfg, key), key))
     return cfg
+
+
+def _get_key(cfg: BaseModel, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _set_key(cfg: BaseModel, key: str, value) -> None:
+    *parents, leaf = key.split(".")
+    setattr(_get_key(cfg, ".".join(parents)) if parents else cfg, leaf, value)
 
 
 def _local_file(path: str, key: str) -> str:

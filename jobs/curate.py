@@ -22,14 +22,8 @@ from jobs.config import ConfigError, JobConfig, load_config
 from jobs.plan import pack_shards, run_plan, waves_of
 from jobs.sizing import PipelinePlan, StageNeed, fit_pipeline
 from jobs.select import run_selection
-from operators.clip import ClipEmbedder, model_report
+from jobs.stages import describe, model_stages, models_of, recaption_cache_root
 from operators.download import HttpDownloader
-from operators.recaption import Recaptioner
-from operators.recaption import model_report as recaption_report
-from operators.reward import RewardScorer
-from operators.reward import model_report as reward_report
-from operators.safety import SafetyScorer
-from operators.safety import model_report as safety_report
 from operators.images import ImageProcessor
 from operators.shards import SampleShards
 from operators.sinks import PARQUET_OPTIONS, count_written, sink_prep
@@ -116,26 +110,15 @@ def versions() -> dict:
 
 
 # --- phase 1 ----------------------------------------------------------------------------
-def model_stages(cfg: JobConfig) -> list[tuple[str, type, object, dict]]:
-    """The enabled model stages in pipeline order: (section, operator, its config, extra kwargs).
-    Recaptioning runs after the filters (only kept samples cost generation) and before the reward
-    model, which ranks the recaption against the alt-texts."""
-    rc = cfg.recaption
-    stages = (("clip", ClipEmbedder, cfg.clip, {}),
-              ("safety", SafetyScorer, cfg.safety, {"clip": cfg.clip}),
-              ("recaption", Recaptioner, rc, {"cache_root": recaption_cache_root(cfg)}),
-              ("reward", RewardScorer, cfg.reward, {"clip": cfg.clip}))
-    return [s for s in stages if s[2].enabled]
-
-
 def stage_needs(cfg: JobConfig) -> tuple[StageNeed, list[StageNeed]]:
     """What the download pool and each model stage ask for, as config declares it (never probed)."""
     d = cfg.download
     download = StageNeed("download", download_actor_cpus(cfg), 0.0, d.pool_min, d.pool_max,
                          ("download.num_cpus", "images.num_cpus", "download.pool_min"))
     models = []
-    for name, op, stage_cfg, _ in model_stages(cfg):
-        if op is Recaptioner and stage_cfg.backend == "vllm":
+    for stage, stage_cfg, _ in model_stages(cfg):
+        name, op = stage.section, stage.operator
+        if name == "recaption" and stage_cfg.backend == "vllm":
             # The vLLM processor sizes its own engine actors; its cache lookup and store actors (two
             # pools of up to 2 x 0.25 CPU, apply_vllm_recaption) and one GPU per engine replica.
             models.append(StageNeed("recaption.cache", 0.25, 0.0, 2, 4, ("recaption.enabled",)))
@@ -185,8 +168,9 @@ def build_pipeline(cfg: JobConfig, ds, plan: PipelinePlan):
             max_concurrent_calls_per_actor=cfg.download.batches_in_flight, enable_true_multi_threading=True),
     )
     # Model stages: GPU actors (CPU when configured so), in the order each reads the last's columns.
-    for name, op, stage_cfg, kwargs in model_stages(cfg):
-        if op is Recaptioner and stage_cfg.backend == "vllm":
+    for stage, stage_cfg, kwargs in model_stages(cfg):
+        name, op = stage.section, stage.operator
+        if name == "recaption" and stage_cfg.backend == "vllm":
             ds = apply_vllm_recaption(ds, stage_cfg, cfg.storage, recaption_cache_root(cfg))
             continue
         r = op.resources(stage_cfg)
@@ -223,12 +207,6 @@ def apply_vllm_recaption(ds, rc, storage, cache_root: str):
                                 postprocess=partial(vllm_postprocess, cfg=rc))
     ds = processor(ds)
     return ds.map_batches(RecaptionCacheStore, batch_size=rc.batch_size, **io_kwargs)
-
-
-def recaption_cache_root(cfg: JobConfig) -> str:
-    """Where recaptions are cached: ``recaption.cache_path``, else inside the output (a resume
-    reuses it; point a recurring refresh at one shared path to reuse it across runs)."""
-    return cfg.recaption.cache_path or join(cfg.output.path, "_cache", "recaption")
 
 
 def wave_dataset(cfg: JobConfig, groups: list[list[str]], plan: PipelinePlan):
@@ -283,6 +261,8 @@ def run_wave(cfg: JobConfig, i: int, buckets: list[dict]) -> dict:
     resuming = cfg.ray.checkpoint and cfs.exists(cp)
     plan = size_wave(cfg, resuming)
     log.info("wave %d%s: %s", i, " (resuming)" if resuming else "", plan.describe())
+    if i == 0:
+        log.info("the chain:\n%s", describe(cfg, plan))
     groups = wave_groups(cfg, buckets, plan)
     t0 = time.time()
     if cfg.ray.checkpoint:
@@ -318,21 +298,9 @@ def run_wave(cfg: JobConfig, i: int, buckets: list[dict]) -> dict:
 
 
 # --- the job ------------------------------------------------------------------------------
-def models_of(cfg: JobConfig) -> dict:
-    """What the manifest says about each model; random weights are called so."""
-    models = {"clip": model_report(cfg.clip)} if cfg.clip.enabled else {}
-    if cfg.safety.enabled:
-        models.update({f"safety.{k}": v for k, v in safety_report(cfg.safety, cfg.clip).items()})
-    if cfg.recaption.enabled:
-        models["recaption"] = recaption_report(cfg.recaption)
-    if cfg.reward.enabled:
-        models["reward"] = reward_report(cfg.reward, cfg.clip)
-    return models
-
-
 def check_run_identity(cfg: JobConfig) -> None:
     """An output folder belongs to one config: resume only with the same settings."""
-    fp = cfg.fingerprint("input", "plan", "download", "images", "clip", "safety", "recaption", "reward")
+    fp = cfg.fingerprint()  # every section but the run sections: a new stage's too
     run_path = join(cfg.output.path, "_RUN.json")
     existing = read_json(run_path, cfg.storage)
     if existing is not None and existing.get("fingerprint") != fp:

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from operators.base import FAILED, KEPT
+from operators.base import FAILED, KEPT, DropReason
 from operators.storage import StorageConfig, fsspec_fs, join
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,16 @@ BAD_LINE = "__bad_line__"  # iter_rows' column for a JSONL line that is not a JS
 SAMPLE_ID_HEX = 32  # 128-bit blake2b of the normalized URL
 RESERVED_COLUMNS = ("sample_id", "url", "url_original", "captions", "caption_sources", "n_input_rows",
                     "input_file", "input_row", "status", "drop_stage", "drop_reason", "error_message")
+# The columns every sample shard has (the plan writes them; extra input columns come beside them).
+PLAN_COLUMNS = RESERVED_COLUMNS
+# Why the plan fails an input row (drop_stage ``plan``).
+PLAN_REASONS = (
+    DropReason("missing_url", FAILED, "the row has no URL (empty, null, or no url column)"),
+    DropReason("unsupported_scheme", FAILED, "the URL is not http(s)"),
+    DropReason("invalid_url", FAILED, "the URL cannot be parsed or has no host"),
+    DropReason("url_too_long", FAILED, "the URL is longer than input.max_url_length"),
+    DropReason("bad_line", FAILED, "a JSONL line that is not a JSON object"),
+)
 
 
 class SourceConfig(BaseModel):
