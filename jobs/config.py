@@ -51,7 +51,8 @@ class PlanConfig(BaseModel):
     num_buckets: int = Field(256, ge=1, le=1_048_576, description="hash-prefix buckets (~1M samples each at scale)")
     wave_max_samples: int = Field(10_000_000, ge=1, description="phase 1 runs in waves of at most this many samples")
     shard_rows: int = Field(4096, ge=1, description="samples per sample shard (one phase-1 read task)")
-    scatter_flush_rows: int = Field(200_000, ge=1)
+    scatter_flush_rows: int = Field(200_000, ge=1, description="rows a scatter task buffers per bucket before "
+                                                                 "writing them")
     local_max_bytes: int = Field(8 * 1024 * 1024, ge=0,
                                  description="input files totalling at most this many bytes are planned in the "
                                              "driver process (the same code, no Ray tasks); 0: always Ray tasks")
@@ -65,8 +66,9 @@ class RayConfig(BaseModel):
     address: str | None = Field(None, description="None: RAY_ADDRESS or a new local Ray; 'auto': a running cluster")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray started by the job")
     node_ip_address: str | None = Field(None, description="IP a local Ray binds to (127.0.0.1 for dry runs)")
-    object_store_memory_mb: int | None = Field(None, ge=64)
-    progress_bars: bool = True
+    object_store_memory_mb: int | None = Field(None, ge=64, description="object store of a local Ray started "
+                                                                           "by the job")
+    progress_bars: bool = Field(True, description="Ray Data progress bars")
     target_max_block_mb: float = Field(64.0, gt=0, description="Ray Data block size: also the unit of writes/resume")
     checkpoint: bool = Field(True, description="row-level resume with Ray Data checkpointing")
 
@@ -76,7 +78,7 @@ class _JobBase(BaseModel):
 
     name: str = Field("imgcurate", description="run name")
     input: SourceConfig
-    output: OutputConfig
+    output: OutputConfig = Field(..., description="where the run writes (required)")
     storage: StorageConfig = StorageConfig()
     plan: PlanConfig = PlanConfig()
     ray: RayConfig = RayConfig()

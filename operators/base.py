@@ -52,9 +52,9 @@ class StageResources(BaseModel):
     """The actor resources every model stage's config declares (never probed from the machine)."""
 
     num_gpus: float = Field(1.0, ge=0, description="per actor; 0 runs on CPU")
-    num_cpus: float = Field(1.0, gt=0)
-    pool_min: int = Field(1, ge=1)
-    pool_max: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, gt=0, description="per actor")
+    pool_min: int = Field(1, ge=1, description="actors at least")
+    pool_max: int = Field(1, ge=1, description="actors at most (the pool grows with the work)")
 
 
 def model_stage_resources(config: StageResources, needs_gpu: bool = True) -> Resources:

@@ -44,30 +44,32 @@ class DownloadConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     timeout_s: float = Field(10.0, gt=0, description="total time for one attempt")
-    connect_timeout_s: float = Field(5.0, gt=0)
+    connect_timeout_s: float = Field(5.0, gt=0, description="time to connect, per attempt")
     retries: int = Field(2, ge=0, le=10, description="extra attempts on 5xx, 429, connection errors (and timeouts "
                                                      "with retry_timeouts)")
     # A server that let the whole timeout pass seldom answers the next try in time, and every try
     # costs another timeout_s: at the end of a wave, one such URL holds it for (retries + 1) x timeout_s.
     retry_timeouts: bool = Field(False, description="retry attempts that timed out, too")
-    backoff_base_s: float = Field(0.5, ge=0)
+    backoff_base_s: float = Field(0.5, ge=0, description="first retry delay; doubles per retry, with jitter")
     backoff_max_s: float = Field(30.0, ge=0, description="cap on backoff and on honoured Retry-After")
     concurrency: int = Field(128, ge=1, description="open requests per actor")
     per_host_concurrency: int = Field(16, ge=1, description="open requests per host per actor")
-    max_redirects: int = Field(5, ge=0)
+    max_redirects: int = Field(5, ge=0, description="more fail as too_many_redirects")
     max_bytes: int = Field(20_000_000, gt=0, description="maximum body size")
     user_agent_contact: str = Field("https://github.com/imgcurate/imgcurate", description="URL or e-mail in the UA")
-    respect_robots_headers: bool = True
-    robots_directives: list[str] = Field(default_factory=lambda: list(DEFAULT_ROBOTS_DIRECTIVES))
+    respect_robots_headers: bool = Field(True, description="honour X-Robots-Tag opt-outs")
+    robots_directives: list[str] = Field(default_factory=lambda: list(DEFAULT_ROBOTS_DIRECTIVES),
+                                         description="X-Robots-Tag directives that opt an image out")
     allow_loopback: bool = Field(False, description="allow 127.0.0.0/8 and ::1 (dry run, tests)")
     allow_private: bool = Field(False, description="allow RFC 1918 / ULA addresses")
     allow_networks: list[str] = Field(default_factory=list, description="CIDRs allowed whatever their class")
-    dns_cache_ttl_s: float = Field(300.0, ge=0)
+    dns_cache_ttl_s: float = Field(300.0, ge=0, description="how long a resolved name is cached per actor")
     # Resources: I/O bound, so a fraction of a CPU each; overridable from config.
     num_cpus: float = Field(0.25, gt=0, description="CPUs for the event loop (the actor adds images.num_cpus)")
     batch_size: int | None = Field(None, ge=1, description="rows handed to one actor call; null: one input block (one sample shard of the plan)")
     yield_rows: int = Field(64, ge=1, description="finished rows passed downstream together")
-    pool_min: int = Field(1, ge=1)
+    pool_min: int = Field(1, ge=1, description="download actors at least (a pool_min that does not fit is lowered "
+                                                "with a warning)")
     pool_max: int | None = Field(None, ge=1, description="null: as many actors as the cluster fits beside the "
                                                         "other operators (jobs/sizing.py)")
     batches_in_flight: int = Field(4, ge=1, description="Ray batches one actor works on at once")

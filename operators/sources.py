@@ -53,13 +53,14 @@ class SourceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     paths: list[str] = Field(..., min_length=1, description="files or globs, local or s3://")
-    format: InputFormat = "auto"
-    url_column: str = "url"
-    caption_columns: list[str] = Field(default_factory=lambda: ["caption"])
+    format: InputFormat = Field("auto", description="auto: by file extension (.gz allowed)")
+    url_column: str = Field("url", description="column with the image URL")
+    caption_columns: list[str] = Field(default_factory=lambda: ["caption"],
+                                       description="columns holding captions (alt-text, title, ...)")
     extra_columns: list[str] | Literal["all"] = Field("all", description="columns carried through, or 'all'")
-    max_url_length: int = Field(2048, ge=16)
-    max_caption_chars: int = Field(4096, ge=1)
-    read_batch_rows: int = Field(65536, ge=1)
+    max_url_length: int = Field(2048, ge=16, description="longer URLs fail as url_too_long")
+    max_caption_chars: int = Field(4096, ge=1, description="longer captions are cut")
+    read_batch_rows: int = Field(65536, ge=1, description="rows read from an input file at a time")
 
     @field_validator("paths")
     @classmethod
