@@ -211,3 +211,9 @@ def test_model_stages_are_the_actor_pool_entries_in_order():
     names = [s.section for s, _, _ in model_stages(_dryrun())]
     assert names == [s.section for s in STAGES if s.runs_in == ACTOR_POOL and s.enabled(_dryrun())]
     assert names == ["clip", "safety", "recaption", "reward"]
+
+
+def test_operators_never_import_jobs():
+    offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "operators").rglob("*.py")
+                 if re.search(r"^\s*(from jobs[. ]|import jobs)", p.read_text(), re.M)]
+    assert not offenders, offenders
