@@ -335,12 +335,21 @@ def run(cfg: JobConfig) -> dict:
         markers.append(marker)
     t_sel = time.time()
     selections = run_selection(cfg, [f for m in markers for f in m["files"]])
-    t_sel = time.time() - t_sel
+    timings = {"plan_s": round(t_plan, 3), "total_s": round(time.time() - t0, 3),
+               "phase1_s": round(sum(m["seconds"] for m in markers), 3), "selection_s": round(time.time() - t_sel, 3)}
+    manifest = manifest_of(cfg, plan, markers, resumed, selections, timings)
+    # Data files first, manifest last: a reader trusts only a committed manifest.
+    write_json_atomic(join(cfg.output.path, "_manifest.json"), manifest, cfg.storage)
+    return manifest
+
+
+def manifest_of(cfg: JobConfig, plan: dict, markers: list[dict], resumed: int, selections: dict,
+                timings: dict) -> dict:
+    """The run manifest from the plan, the wave markers and the phase-2 reports."""
     outcomes: dict[str, int] = {}
     for m in markers:
         for k, v in m["outcomes"].items():
             outcomes[k] = outcomes.get(k, 0) + v
-    total = time.time() - t0
     processed = sum(m["samples"] for m in markers)
     manifest = {
         "name": cfg.name,
@@ -356,8 +365,7 @@ def run(cfg: JobConfig) -> dict:
         "waves_resumed": resumed,
         "selections": selections,
         "data_files": [f for m in markers for f in m["files"]],
-        "timings": {"plan_s": round(t_plan, 3), "total_s": round(total, 3),
-                    "phase1_s": round(sum(m["seconds"] for m in markers), 3), "selection_s": round(t_sel, 3)},
+        "timings": timings,
         "finished": time.time(),
     }
     if "reward_top_fraction" in selections:  # Compress & Align's figure: how much of the run was removed
@@ -375,9 +383,7 @@ def run(cfg: JobConfig) -> dict:
     if busy:  # the occupancy of the download actors' request slots over the run
         manifest["download"] = occupancy({"open_request_s": sum(b["open_request_s"] for b in busy),
                                           "active_s": sum(b["active_s"] for b in busy)}, cfg)
-    manifest["throughput_samples_per_s"] = round(processed / max(manifest["timings"]["phase1_s"], 1e-9), 2)
-    # Data files first, manifest last: a reader trusts only a committed manifest.
-    write_json_atomic(join(cfg.output.path, "_manifest.json"), manifest, cfg.storage)
+    manifest["throughput_samples_per_s"] = round(processed / max(timings["phase1_s"], 1e-9), 2)
     return manifest
 
 
