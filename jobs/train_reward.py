@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from jobs.sizing import ResourceError
 from operators.clip import ClipConfig
 from operators.clip import model_report as clip_model_report
-from operators.reward import (
+from operators.models.reward import (
     CHECKPOINT_FORMAT, FEATURES, build_head, load_backbone, save_reward_checkpoint,
 )
 from operators.storage import StorageConfig, arrow_fs, fsspec_fs, is_remote, join, write_json_atomic

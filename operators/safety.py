@@ -3,37 +3,29 @@
 LAION-5B (Schuhmann et al., 2022) publishes, per sample, an NSFW probability ``punsafe`` and a
 watermark probability ``pwatermark``, and LAION-Aesthetics an ``aesthetic`` score:
 
-- NSFW: LAION-AI/CLIP-based-NSFW-Detector, an MLP on the L2-normalized CLIP image embedding
-  (AutoKeras, ported to PyTorch in that repo's ``src/models.py``): a Keras ``Normalization``
-  (mean/variance buffers), then ``linear_1..linear_k`` with ReLU and a sigmoid out. ViT-L/14:
-  768 -> 64 -> 512 -> 256 -> 1; ViT-B/32: 512 -> 32 -> 32 -> 1. Module names are kept, so the
-  released ``clip_ViT-L-14_openai_binary_nsfw_head.pth`` loads as is.
-- Aesthetic predictor v2: christophschuhmann/improved-aesthetic-predictor, ``MLP.layers`` =
-  Linear(d,1024), Dropout(.2), Linear(1024,128), Dropout(.2), Linear(128,64), Dropout(.1),
-  Linear(64,16), Linear(16,1) on the L2-normalized embedding (no activations, as released);
-  ``sac+logos+ava1-l14-linearMSE.pth`` loads as is.
-- Watermark: LAION-AI/LAION-5B-WatermarkDetection (``inference.py``): timm ``efficientnet_b3a``
-  whose ``classifier`` is Linear(1536,625), ReLU, Dropout(.3), Linear(625,256), ReLU,
-  Linear(256,2); input Resize((256,256)) (no crop), ImageNet mean/std; softmax, and column 0
-  is "P Watermark", column 1 "P Clean". timm >= 0.9 maps the name ``efficientnet_b3a`` to
-  ``efficientnet_b3`` (the same architecture and keys), so that is the default here.
+- NSFW: LAION-AI/CLIP-based-NSFW-Detector, an MLP on the L2-normalized CLIP image embedding.
+- Aesthetic predictor v2: christophschuhmann/improved-aesthetic-predictor, an MLP on the
+  L2-normalized CLIP image embedding.
+- Watermark: LAION-AI/LAION-5B-WatermarkDetection (``inference.py``): a timm EfficientNet-B3
+  with LAION's 2-class MLP head on the squash-resized image.
 - RIGID (He, Chen and Ho, 2024, "RIGID: A Training-free and Model-Agnostic Framework for
   Robust AI-Generated Image Detection"; IBM/RIGID): the cosine between an encoder's embeddings
   of an image and of the image plus Gaussian noise (scale 0.05 in normalized pixel space);
   real images are more robust, so lower similarity means more likely AI-generated. The paper
   uses DINOv2; the method is model-agnostic and this operator uses an open_clip image encoder.
 
+The three LAION models (architectures, module names that load the released weights) are in
+operators/models/laion.py; the RIGID encoder is a ``ClipModel`` (operators/models/clip.py).
+
 The embedding heads are nearly free, so they run first and their drops are marked before the
 watermark CNN and RIGID (two encoder passes) run on what is still kept. Rows dropped earlier
-pass through untouched. A head whose ``checkpoint`` is null gets seeded random weights built
-here (tests, dry run), and ``model_report`` says so.
+pass through untouched. A head whose ``checkpoint`` is null gets seeded random weights
+(tests, dry run), and ``model_report`` says so.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import io
 import logging
 from typing import ClassVar, Literal
 
@@ -42,18 +34,31 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from operators.base import (DROPPED, FAILED, KEPT, Operator, Resources, StageResources, mark, model_stage_resources,
-                            set_columns)
-from operators.clip import ClipConfig, load_clip
+from operators.base import (DECODE_ERROR, DROPPED, Columns, DropReason, KeptRowsStage, Resources, Scored,
+                            StageResources, model_stage_resources)
+from operators.clip import ClipConfig
 from operators.clip import model_report as clip_model_report
-from operators.storage import StorageConfig, local_copy
+from operators.models.clip import ClipModel
+from operators.models.common import decode_all, resolve_device
+from operators.models.laion import (build_aesthetic_head, build_nsfw_head, build_watermark_model, load_state,
+                                    watermark_inputs)
+from operators.storage import StorageConfig
 
 log = logging.getLogger(__name__)
 
 EMBEDDING = "clip_image_embedding"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-RANDOM_SEED = 0  # heads without a checkpoint: the same random weights in every actor and run
+# Per head: its config key and the column it writes.
+HEAD_COLUMNS = (("nsfw", "punsafe"), ("aesthetic", "aesthetic"), ("watermark", "pwatermark"),
+                ("rigid", "rigid_similarity"))
+
+NSFW_ABOVE = DropReason("nsfw_above_{max_punsafe}", DROPPED,
+                        "LAION NSFW detector's punsafe is above safety.nsfw.max_punsafe")
+AESTHETIC_BELOW = DropReason("aesthetic_below_{min_aesthetic}", DROPPED,
+                             "LAION aesthetic v2 score is below safety.aesthetic.min_aesthetic")
+WATERMARK_ABOVE = DropReason("watermark_above_{max_pwatermark}", DROPPED,
+                             "LAION watermark detector's pwatermark is above safety.watermark.max_pwatermark")
+RIGID_BELOW = DropReason("rigid_below_{min_similarity}", DROPPED,
+                         "RIGID noise-robustness similarity is below safety.rigid.min_similarity (likely generated)")
 
 
 # --- config ---------------------------------------------------------------------------------
@@ -134,148 +139,29 @@ class SafetyConfig(StageResources):
 
 
 def nsfw_reason(t: float) -> str:
-    return f"nsfw_above_{t:g}"
+    return NSFW_ABOVE.format(max_punsafe=t)
 
 
 def watermark_reason(t: float) -> str:
-    return f"watermark_above_{t:g}"
+    return WATERMARK_ABOVE.format(max_pwatermark=t)
 
 
 def aesthetic_reason(t: float) -> str:
-    return f"aesthetic_below_{t:g}"
+    return AESTHETIC_BELOW.format(min_aesthetic=t)
 
 
 def rigid_reason(t: float) -> str:
-    return f"rigid_below_{t:g}"
-
-
-# --- models ---------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _nn():
-    """The torch module classes, defined on first use (importing this module needs no torch)."""
-    import torch
-    from torch import nn
-
-    class Normalization(nn.Module):
-        """Keras ``Normalization`` as LAION ported it: (x - mean) / (sqrt(variance) + 1e-10)."""
-
-        def __init__(self, dim: int):
-            super().__init__()
-            self.register_buffer("mean", torch.zeros(dim))
-            self.register_buffer("variance", torch.ones(dim))
-
-        def forward(self, x):
-            return (x - self.mean) / (self.variance.sqrt() + 1e-10)
-
-    class NsfwHead(nn.Module):
-        """LAION NSFWModel_L14 / _B32: norm, ReLU-linears, sigmoid; returns punsafe (N,)."""
-
-        def __init__(self, embed_dim: int, hidden_dims: list[int]):
-            super().__init__()
-            self.norm = Normalization(embed_dim)
-            dims = [embed_dim, *hidden_dims, 1]
-            self.n_linear = len(dims) - 1
-            for k in range(self.n_linear):
-                self.add_module(f"linear_{k + 1}", nn.Linear(dims[k], dims[k + 1]))
-            self.act = nn.ReLU()
-            self.act_out = nn.Sigmoid()
-
-        def forward(self, x):
-            x = self.norm(x)
-            for k in range(1, self.n_linear):  # B32's dropout (after linear_2) is a no-op in eval
-                x = self.act(getattr(self, f"linear_{k}")(x))
-            return self.act_out(getattr(self, f"linear_{self.n_linear}")(x)).squeeze(-1)
-
-    class AestheticMLP(nn.Module):
-        """improved-aesthetic-predictor ``MLP`` (same module names as the released .pth)."""
-
-        def __init__(self, input_size: int):
-            super().__init__()
-            self.input_size = input_size
-            self.layers = nn.Sequential(
-                nn.Linear(input_size, 1024), nn.Dropout(0.2),
-                nn.Linear(1024, 128), nn.Dropout(0.2),
-                nn.Linear(128, 64), nn.Dropout(0.1),
-                nn.Linear(64, 16),
-                nn.Linear(16, 1),
-            )
-
-        def forward(self, x):
-            return self.layers(x).squeeze(-1)
-
-    return Normalization, NsfwHead, AestheticMLP
-
-
-def _seeded(build):
-    """Build a module with the global torch RNG forked and seeded (random heads are reproducible)."""
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_SEED)
-        return build()
-
-
-def build_nsfw_head(spec: NsfwSpec):
-    _, NsfwHead, _ = _nn()
-    return _seeded(lambda: NsfwHead(spec.embed_dim, list(spec.hidden_dims))).eval()
-
-
-def build_aesthetic_head(spec: AestheticSpec):
-    _, _, AestheticMLP = _nn()
-    return _seeded(lambda: AestheticMLP(spec.embed_dim)).eval()
-
-
-def build_watermark_model(spec: WatermarkSpec):
-    """The timm model with its classifier replaced by LAION's head (``classifier.0/.3/.5`` for b3)."""
-    import timm
-    from torch import nn
-
-    def build():
-        model = timm.create_model(spec.timm_model, pretrained=False, num_classes=2)
-        attr = model.pretrained_cfg.get("classifier") or "classifier"
-        *parents, leaf = attr.split(".")
-        owner = model
-        for p in parents:
-            owner = getattr(owner, p)
-        old = getattr(owner, leaf)
-        in_features = old.in_features if isinstance(old, nn.Linear) else model.num_features
-        layers: list = []
-        for k, width in enumerate(spec.head_dims):
-            layers += [nn.Linear(in_features, width), nn.ReLU()]
-            if k == 0:
-                layers.append(nn.Dropout(0.3))
-            in_features = width
-        layers.append(nn.Linear(in_features, 2))
-        setattr(owner, leaf, nn.Sequential(*layers))
-        return model
-
-    return _seeded(build).eval()
-
-
-def load_state(module, checkpoint: str | None, what: str, storage: StorageConfig | None = None,
-               cache_dir: str | None = None):
-    """Load a ``torch.save(state_dict)`` checkpoint (path, file://, s3://) into ``module``."""
-    import torch
-
-    if checkpoint is None:
-        return module
-    path = local_copy(checkpoint, storage, cache_dir)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ValueError(f"safety.{what}: checkpoint {checkpoint!r} does not fit the configured head "
-                         f"(check embed_dim / hidden_dims / timm_model): {exc}") from None
-    return module.eval()
+    return RIGID_BELOW.format(min_similarity=t)
 
 
 # --- operator -------------------------------------------------------------------------------
-class SafetyScorer(Operator):
+class SafetyScorer(KeptRowsStage):
     """Writes ``punsafe``, ``aesthetic``, ``pwatermark`` and ``rigid_similarity`` (those configured)."""
 
     name: ClassVar[str] = "safety"
+    reads = ("status", "drop_stage", "drop_reason", "error_message")
+    writes = tuple(col for _, col in HEAD_COLUMNS)  # every head's; ``columns`` says which with a config
+    reasons = (NSFW_ABOVE, AESTHETIC_BELOW, WATERMARK_ABOVE, RIGID_BELOW, DECODE_ERROR)
 
     def __init__(self, config: SafetyConfig | dict | None = None, storage: StorageConfig | dict | None = None,
                  clip: ClipConfig | dict | None = None):
@@ -285,17 +171,6 @@ class SafetyScorer(Operator):
         c = self.config
         if c.rigid is not None and c.rigid.encoder is None and self.clip is None:
             raise ValueError("safety.rigid.encoder is null (use the CLIP stage's model) but no clip config was given")
-        reads = ["status", "drop_stage", "drop_reason", "error_message"]
-        if c.nsfw is not None or c.aesthetic is not None:
-            reads.append(EMBEDDING)
-        if c.uses_images():
-            reads.append("image")
-        if c.rigid is not None:
-            reads.append("sample_id")
-        self.reads = tuple(reads)
-        self.writes = tuple(col for head, col in (("nsfw", "punsafe"), ("aesthetic", "aesthetic"),
-                                                  ("watermark", "pwatermark"), ("rigid", "rigid_similarity"))
-                            if getattr(c, head) is not None)
         self._ready = False
 
     @classmethod
@@ -303,22 +178,44 @@ class SafetyScorer(Operator):
         # Embedding heads alone are tiny MLPs: with device auto they need no GPU.
         return model_stage_resources(config, needs_gpu=config.device != "auto" or config.uses_images())
 
+    @classmethod
+    def columns(cls, config: SafetyConfig | None = None) -> Columns:
+        c = config or SafetyConfig()
+        reads = list(cls.reads)
+        if c.nsfw is not None or c.aesthetic is not None:
+            reads.append(EMBEDDING)
+        if c.uses_images():
+            reads.append("image")
+        if c.rigid is not None:
+            reads.append("sample_id")
+        return Columns(tuple(reads), {col: pa.float32() for head, col in HEAD_COLUMNS if getattr(c, head) is not None})
+
+    @classmethod
+    def drop_reasons(cls, config: SafetyConfig | None = None) -> tuple[DropReason, ...]:
+        if config is None:
+            return cls.reasons
+        c = config
+        out = []
+        if c.nsfw is not None and c.nsfw.max_punsafe is not None:
+            out.append(NSFW_ABOVE)
+        if c.aesthetic is not None and c.aesthetic.min_aesthetic is not None:
+            out.append(AESTHETIC_BELOW)
+        if c.watermark is not None and c.watermark.max_pwatermark is not None:
+            out.append(WATERMARK_ABOVE)
+        if c.rigid is not None and c.rigid.min_similarity is not None:
+            out.append(RIGID_BELOW)
+        if c.uses_images():
+            out.append(DECODE_ERROR)
+        return tuple(out)
+
     def rigid_encoder_config(self) -> ClipConfig | None:
         r = self.config.rigid
         return None if r is None else (r.encoder or self.clip)
 
     # -- state, once per actor ----------------------------------------------------------------
-    def _setup(self):
-        if self._ready:
-            return
-        import torch
-
+    def setup(self) -> None:
         c = self.config
-        if c.device == "auto":
-            use_gpu = self.resources(c).num_gpus > 0 and torch.cuda.is_available()
-            self.device = "cuda" if use_gpu else "cpu"
-        else:
-            self.device = c.device
+        self.device = resolve_device(c.device, use_gpu=self.resources(c).num_gpus > 0)
         self._nsfw = self._aesthetic = self._watermark = self._rigid = None
         args = (self.storage, c.cache_dir)
         if c.nsfw is not None:
@@ -330,30 +227,28 @@ class SafetyScorer(Operator):
             self._watermark = load_state(build_watermark_model(c.watermark), c.watermark.checkpoint, "watermark",
                                          *args).to(self.device)
         if c.rigid is not None:
-            model, preprocess, _ = load_clip(self.rigid_encoder_config(), self.storage, self.device)
-            self._rigid = (model, preprocess, next(model.parameters()).dtype)
+            self._rigid = ClipModel(self.rigid_encoder_config(), self.storage, self.device)
         self._ready = True
 
     # -- batch ---------------------------------------------------------------------------------
     def process(self, batch: pa.Table) -> pa.Table:
         c = self.config
-        n = batch.num_rows
-        status = batch.column("status").to_pylist()
-        outcomes: list = [None] * n
-        cols: dict[str, list] = {col: [None] * n for col in self.writes}
-        alive = [s == KEPT for s in status]
-        if c.nsfw is not None or c.aesthetic is not None:
+        if c.nsfw is not None or c.aesthetic is not None:  # from the type: also on a batch with nothing kept
             self._check_embed_dims(batch.schema.field(EMBEDDING).type)
-        if any(alive):
-            self._setup()
-            if c.nsfw is not None or c.aesthetic is not None:
-                self._score_embeddings(batch, alive, cols, outcomes)
-            if c.uses_images():
-                todo = [i for i in range(n) if alive[i] and outcomes[i] is None]
-                if todo:
-                    self._score_images(batch, todo, cols, outcomes)
-        batch = set_columns(batch, {col: pa.array(v, pa.float32()) for col, v in cols.items()})
-        return mark(batch, self.name, outcomes)
+        return super().process(batch)
+
+    def score(self, rows: pa.Table) -> Scored:
+        c = self.config
+        n = rows.num_rows
+        outcomes: list = [None] * n
+        cols: dict[str, list] = {col: [None] * n for col in self.declared().writes}
+        if c.nsfw is not None or c.aesthetic is not None:
+            self._score_embeddings(rows, cols, outcomes)
+        if c.uses_images():
+            todo = [k for k in range(n) if outcomes[k] is None]
+            if todo:
+                self._score_images(rows, todo, cols, outcomes)
+        return Scored(cols, outcomes)
 
     def _check_embed_dims(self, typ: pa.DataType, width: int | None = None) -> None:
         if width is None:
@@ -366,108 +261,96 @@ class SafetyScorer(Operator):
                 raise ValueError(f"safety.{head}.embed_dim is {spec.embed_dim} but {EMBEDDING} has width {width}: "
                                  f"set safety.{head}.embed_dim to the CLIP model's embedding width ({width})")
 
-    def _score_embeddings(self, batch: pa.Table, alive: list[bool], cols: dict, outcomes: list) -> None:
+    def _score_embeddings(self, rows: pa.Table, cols: dict, outcomes: list) -> None:
         import torch
 
         c = self.config
-        column = batch.column(EMBEDDING)
-        valid = pc.is_valid(column).to_pylist()
-        idx = [i for i in range(batch.num_rows) if alive[i] and valid[i]]
+        column = rows.column(EMBEDDING)
+        idx = [k for k, v in enumerate(pc.is_valid(column).to_pylist()) if v]
         if not idx:
             return
-        rows = column.take(pa.array(idx, pa.int64())).combine_chunks()
-        flat = rows.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-        if flat.size % len(idx) or (not pa.types.is_fixed_size_list(rows.type)
-                                    and len(set(pc.list_value_length(rows).to_pylist())) != 1):
+        embs = column.take(pa.array(idx, pa.int64())).combine_chunks()
+        flat = embs.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+        if flat.size % len(idx) or (not pa.types.is_fixed_size_list(embs.type)
+                                    and len(set(pc.list_value_length(embs).to_pylist())) != 1):
             raise ValueError(f"{EMBEDDING}: rows of different widths in one batch")
         width = flat.size // len(idx)
-        self._check_embed_dims(rows.type, width)
+        self._check_embed_dims(embs.type, width)
         with torch.inference_mode():
             x = torch.from_numpy(flat.reshape(len(idx), width)).to(self.device)
             x = torch.nn.functional.normalize(x, dim=-1)  # LAION's heads take L2-normalized embeddings
             punsafe = self._nsfw(x).float().cpu().numpy() if self._nsfw is not None else None
             aesthetic = self._aesthetic(x).float().cpu().numpy() if self._aesthetic is not None else None
-        for k, i in enumerate(idx):
+        for j, k in enumerate(idx):
             if punsafe is not None:
-                p = float(punsafe[k])
-                cols["punsafe"][i] = p
+                p = float(punsafe[j])
+                cols["punsafe"][k] = p
                 t = c.nsfw.max_punsafe
                 if t is not None and p > t:
-                    outcomes[i] = (DROPPED, nsfw_reason(t), f"punsafe {p:.4f} > {t:g}")
+                    outcomes[k] = (NSFW_ABOVE.status, nsfw_reason(t), f"punsafe {p:.4f} > {t:g}")
             if aesthetic is not None:
-                a = float(aesthetic[k])
-                cols["aesthetic"][i] = a
+                a = float(aesthetic[j])
+                cols["aesthetic"][k] = a
                 t = c.aesthetic.min_aesthetic
-                if outcomes[i] is None and t is not None and a < t:
-                    outcomes[i] = (DROPPED, aesthetic_reason(t), f"aesthetic {a:.4f} < {t:g}")
+                if outcomes[k] is None and t is not None and a < t:
+                    outcomes[k] = (AESTHETIC_BELOW.status, aesthetic_reason(t), f"aesthetic {a:.4f} < {t:g}")
 
-    def _score_images(self, batch: pa.Table, idx: list[int], cols: dict, outcomes: list) -> None:
-        from PIL import Image
-
-        blobs = batch.column("image").take(pa.array(idx, pa.int64())).to_pylist()
+    def _score_images(self, rows: pa.Table, idx: list[int], cols: dict, outcomes: list) -> None:
+        blobs = rows.column("image").take(pa.array(idx, pa.int64())).to_pylist()
+        decoded, failures = decode_all(blobs, self.name)
         images: dict[int, object] = {}
-        for i, b in zip(idx, blobs):
-            try:
-                if b is None:
-                    raise ValueError("no image bytes")
-                with Image.open(io.BytesIO(b)) as im:
-                    images[i] = im.convert("RGB")
-            except Exception as exc:  # noqa: BLE001 - recorded per row, never raised
-                outcomes[i] = (FAILED, "decode_error", f"safety: image could not be decoded: {exc}"[:500])
+        for k, im, failure in zip(idx, decoded, failures):
+            if failure is not None:
+                outcomes[k] = failure
+            else:
+                images[k] = im
         if self._watermark is not None and images:
             self._score_watermark(images, cols, outcomes)
-        todo = {i: im for i, im in images.items() if outcomes[i] is None}
+        todo = {k: im for k, im in images.items() if outcomes[k] is None}
         if self._rigid is not None and todo:
-            ids = batch.column("sample_id").to_pylist()
-            self._score_rigid(todo, ids, cols, outcomes)
+            self._score_rigid(todo, rows.column("sample_id").to_pylist(), cols, outcomes)
 
     def _score_watermark(self, images: dict, cols: dict, outcomes: list) -> None:
         import torch
-        from PIL import Image
 
         spec = self.config.watermark
-        s = spec.image_size
-        mean = np.asarray(IMAGENET_MEAN, np.float32)
-        std = np.asarray(IMAGENET_STD, np.float32)
-        # torchvision's Resize((s, s)) on a PIL image is PIL's bilinear resize: the same here.
-        arrs = [((np.asarray(im.resize((s, s), Image.BILINEAR), np.float32) / 255.0 - mean) / std).transpose(2, 0, 1)
-                for im in images.values()]
         with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(np.stack(arrs))).to(self.device)
+            x = torch.from_numpy(watermark_inputs(list(images.values()), spec.image_size)).to(self.device)
             probs = torch.softmax(self._watermark(x).float(), dim=1)[:, spec.watermark_class].cpu().numpy()
         t = spec.max_pwatermark
-        for k, i in enumerate(images):
-            p = float(probs[k])
-            cols["pwatermark"][i] = p
+        for j, k in enumerate(images):
+            p = float(probs[j])
+            cols["pwatermark"][k] = p
             if t is not None and p > t:
-                outcomes[i] = (DROPPED, watermark_reason(t), f"pwatermark {p:.4f} > {t:g}")
+                outcomes[k] = (WATERMARK_ABOVE.status, watermark_reason(t), f"pwatermark {p:.4f} > {t:g}")
 
     def _score_rigid(self, images: dict, ids: list, cols: dict, outcomes: list) -> None:
         import torch
 
         spec = self.config.rigid
-        model, preprocess, dtype = self._rigid
+        encoder = self._rigid
         order = list(images)
-        clean = torch.stack([preprocess(images[i]) for i in order])
+        clean = encoder.preprocess_pil([images[k] for k in order])
         noise = torch.stack([torch.randn(clean.shape[1:], generator=torch.Generator().manual_seed(
-            _noise_seed(spec.seed, ids[i]))) for i in order])
+            _noise_seed(spec.seed, ids[k]))) for k in order])
         noisy = clean + spec.noise_scale * noise
         with torch.inference_mode():
-            emb = model.encode_image(torch.cat([clean, noisy]).to(self.device, dtype)).float()
+            emb = encoder.encode_pixels(torch.cat([clean, noisy]), normalize=False)
             a, b = emb[:len(order)], emb[len(order):]
             sim = torch.nn.functional.cosine_similarity(a, b, dim=-1).clamp(-1, 1).cpu().numpy()
         t = spec.min_similarity
-        for k, i in enumerate(order):
-            v = float(sim[k])
-            cols["rigid_similarity"][i] = v
+        for j, k in enumerate(order):
+            v = float(sim[j])
+            cols["rigid_similarity"][k] = v
             if t is not None and v < t:
-                outcomes[i] = (DROPPED, rigid_reason(t), f"rigid_similarity {v:.4f} < {t:g}")
+                outcomes[k] = (RIGID_BELOW.status, rigid_reason(t), f"rigid_similarity {v:.4f} < {t:g}")
 
 
 def _noise_seed(seed: int, sample_id) -> int:
     """A per-sample noise seed from the stable sample_id (reruns and resumes give the same score)."""
     digest = hashlib.blake2b(f"{seed}:{sample_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
 
 
 # --- reporting ------------------------------------------------------------------------------

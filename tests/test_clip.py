@@ -164,8 +164,8 @@ def test_jpegs_nvjpeg_rejects_fall_back_to_pillow(checkpoint, monkeypatch):
     imgs = [jpeg(40), rejected, b"\xff\xd8\xffgarbage"]
     caps = [["a"], ["b"], ["c"]]
     e = embedder(checkpoint)
-    e._setup()
-    e.gpu_decode = True
+    e.setup()
+    e.model.gpu_decode = True
     out = e(batch(imgs, caps)).to_pylist()
     assert calls == ["batch", "one", "one", "one"]
     assert [r["drop_reason"] for r in out] == [None, None, "decode_error"]

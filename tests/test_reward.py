@@ -16,10 +16,8 @@ from jobs.train_reward import (  # noqa: E402
     TrainRewardConfig, fit, is_val, prefs_from_table, split_key, synthetic_preferences,
 )
 from operators.clip import ClipConfig  # noqa: E402
-from operators.reward import (  # noqa: E402
-    RewardConfig, RewardScorer, build_head, load_reward_checkpoint, model_report, save_reward_checkpoint,
-    threshold_reason,
-)
+from operators.models.reward import build_head, load_reward_checkpoint, save_reward_checkpoint  # noqa: E402
+from operators.reward import RewardConfig, RewardScorer, model_report, threshold_reason  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 from tests.helpers import image_batch, jpeg  # noqa: E402
 

@@ -14,9 +14,10 @@ pytest.importorskip("timm")
 open_clip = pytest.importorskip("open_clip")
 
 from operators.clip import ClipConfig  # noqa: E402
+from operators.models.laion import build_aesthetic_head, build_nsfw_head, build_watermark_model  # noqa: E402
 from operators.safety import (  # noqa: E402
-    AestheticSpec, NsfwSpec, RigidSpec, SafetyConfig, SafetyScorer, WatermarkSpec, aesthetic_reason,
-    build_aesthetic_head, build_nsfw_head, build_watermark_model, model_report, nsfw_reason, watermark_reason,
+    AestheticSpec, NsfwSpec, RigidSpec, SafetyConfig, SafetyScorer, WatermarkSpec, aesthetic_reason, model_report,
+    nsfw_reason, watermark_reason,
 )
 from tests.conftest import ROOT  # noqa: E402
 from tests.helpers import image_batch, jpeg  # noqa: E402
