@@ -41,18 +41,19 @@ class ClipConfig(StageResources):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    enabled: bool = False
+    enabled: bool = Field(False, description="run the CLIP stage (image-text cosine of every caption)")
     model: str = Field("ViT-B-32", description="open_clip model name, or hf-hub:ORG/NAME")
     pretrained: str | None = Field("laion2b_s34b_b79k",
                                    description="pretrained tag, checkpoint path / file:// / s3://, or null = random")
     model_config_path: str | None = Field(None, description="JSON of a custom open_clip architecture to register")
-    device: Literal["auto", "cuda", "cpu"] = "auto"
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when the actor has a GPU, else CPU")
     precision: Literal["auto", "fp16", "bf16", "fp32"] = Field("auto", description="auto: fp16 on CUDA, fp32 on CPU")
     decode: Literal["auto", "gpu", "cpu"] = Field("auto", description="auto: nvJPEG on CUDA, Pillow on CPU")
     min_score: float | None = Field(None, ge=-1, le=1, description="drop below this cosine (LAION: 0.28, ViT-B/32)")
-    write_embeddings: bool = True
+    write_embeddings: bool = Field(True, description="write clip_image_embedding / clip_text_embedding "
+                                                        "(float16, fixed size)")
     cache_dir: str | None = Field(None, description="where s3:// checkpoints are copied (default: a temp dir)")
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1, description="rows per actor call")
     micro_batch: int = Field(256, ge=1, description="images decoded while the previous ones are encoded")
 
     def random_weights(self) -> bool:

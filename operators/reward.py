@@ -53,15 +53,17 @@ class RewardConfig(StageResources):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    enabled: bool = False
-    backbone_type: Literal["open_clip", "blip"] = "open_clip"
+    enabled: bool = Field(False, description="run the reward stage (Compress & Align): reward_scores per "
+                                             "caption, reward, best_caption, best_caption_source")
+    backbone_type: Literal["open_clip", "blip"] = Field(
+        "open_clip", description="open_clip towers, or blip: a local transformers BlipForImageTextRetrieval dir")
     backbone: ClipConfig | None = Field(None, description="open_clip spec of the backbone; null = the CLIP stage's")
     blip_path: str | None = Field(None, description="local dir of a transformers BlipForImageTextRetrieval (blip)")
     head_checkpoint: str | None = Field(None, description="trained head at a path, file:// or s3://; null = random")
     head_hidden: list[int] = Field([512, 64], description="hidden widths of a random head (a checkpoint has its own)")
     min_reward: float | None = Field(None, description="drop below this standardized reward; null = score only")
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    batch_size: int = Field(256, ge=1)
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when the actor has a GPU, else CPU")
+    batch_size: int = Field(256, ge=1, description="rows per actor call")
     micro_batch: int = Field(256, ge=1, description="images (and 4x captions) encoded at once")
 
     @model_validator(mode="after")

@@ -114,7 +114,7 @@ class SafetyConfig(StageResources):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    enabled: bool = False
+    enabled: bool = Field(False, description="run the safety stage (the heads configured below)")
     nsfw: NsfwSpec | None = None
     aesthetic: AestheticSpec | None = None
     watermark: WatermarkSpec | None = None
@@ -122,7 +122,7 @@ class SafetyConfig(StageResources):
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="auto: a GPU only when the watermark or RIGID model is on (MLP heads run on CPU)")
     cache_dir: str | None = Field(None, description="where s3:// checkpoints are copied (default: a temp dir)")
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1, description="rows per actor call")
     num_gpus: float = Field(1.0, ge=0, description="per actor, when a GPU is used; 0 runs on CPU")
 
     @model_validator(mode="after")
