@@ -67,6 +67,18 @@ def test_one_caption_per_kept_sample_none_for_dropped(saved_model):
     assert out.column("image").equals(t.column("image"))
 
 
+def test_declares_its_columns_and_drop_reasons():
+    from operators.base import DECODE_ERROR
+
+    cols = Recaptioner.columns(cfg(None))
+    assert {"recaption", "recaption_model", "recaption_cached", "recaption_tokens", "recaption_facts",
+            "recaption_error", "captions", "caption_sources"} == set(cols.writes)
+    assert all(t is not None for t in cols.writes.values())
+    assert {"status", "image", "captions"} <= set(cols.reads) and set(cols.optional) == {"caption_sources", "sha256"}
+    assert Recaptioner.drop_reasons(cfg(None)) == (DECODE_ERROR,)
+    assert RecaptionCacheStore.columns(cfg(None)).writes == {}  # the store step passes the batch through
+
+
 def test_loaded_by_path_and_file_url_agree(saved_model):
     t = batch([jpeg(4), jpeg(5)], [["a"], ["b"]])
     a = Recaptioner(cfg(saved_model))(t).column("recaption").to_pylist()

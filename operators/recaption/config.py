@@ -1,0 +1,122 @@
+"""Recaption stage settings: the ``recaption:`` section of the job config and its cache namespace."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from operators.base import StageResources
+from operators.models.common import RANDOM_SEED
+from operators.recaption.detectors import DetectorConfig
+from operators.recaption.prompts import DEFAULT_CHAT_PROMPT, DEFAULT_TEXTUALIZE_PROMPT
+from operators.storage import is_remote
+
+
+class VllmConfig(BaseModel):
+    """``ray.data.llm`` vLLM processor settings (``recaption.backend: vllm``)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    engine_kwargs: dict[str, Any] = Field(default_factory=lambda: {"max_model_len": 8192},
+                                          description="vLLM engine arguments (tensor_parallel_size, dtype, ...)")
+    concurrency: int = Field(1, ge=1, description="vLLM engine replicas")
+    batch_size: int = Field(64, ge=1)
+    accelerator_type: str | None = Field(None, description="e.g. H100; null = any GPU")
+    image_format: Literal["jpeg", "png", "webp"] = "jpeg"
+
+
+class RecaptionConfig(StageResources):
+    """Recaption stage settings (``recaption:`` in the job config)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    enabled: bool = False
+    backend: Literal["transformers", "vllm"] = "transformers"
+    model: str | None = Field("Salesforce/blip-image-captioning-base",
+                              description="HF id, local dir, file:// or s3:// prefix; null = random weights built "
+                                          "from model_config_path")
+    revision: str | None = Field(None, description="HF revision (commit) of a hub model: pins the cache key too")
+    model_config_path: str | None = Field(None, description="dir with a transformers config + processor files "
+                                                            "(random weights: tests, dry run)")
+    model_name: str | None = Field(None, description="name in recaption_model and the caption source; "
+                                                     "default: the model's last path part")
+    prompt_style: Literal["auto", "prefix", "chat"] = "auto"
+    prompt: str | None = Field(None, description="template; {alt_text} and {facts} are filled in. null: "
+                                                 "empty (prefix), a describe-it prompt (chat), the IT prompt "
+                                                 "(textualize)")
+    system_prompt: str | None = None
+    max_alt_text_chars: int = Field(400, ge=0, description="alt-text put in prompts is cut to this")
+    max_prompt_tokens: int = Field(512, ge=8)
+    max_new_tokens: int = Field(96, ge=1)
+    min_new_tokens: int = Field(0, ge=0)
+    num_beams: int = Field(1, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    max_caption_chars: int = Field(2000, ge=1, description="longer output is cut at a word boundary")
+    textualize: DetectorConfig = DetectorConfig()
+    vllm: VllmConfig = VllmConfig()
+    cache: bool = True
+    cache_path: str | None = Field(None, description="cache root (local or s3://); null: <output>/_cache/recaption")
+    cache_dir: str | None = Field(None, description="where s3:// models are copied (default: a temp dir)")
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    precision: Literal["auto", "fp16", "bf16", "fp32"] = Field("auto", description="auto: fp16 on CUDA, fp32 on CPU")
+    batch_size: int = Field(64, ge=1)
+    micro_batch: int = Field(32, ge=1, description="images per generate call")
+
+    @model_validator(mode="after")
+    def _model_named(self):
+        if self.model is None and self.model_config_path is None:
+            raise ValueError("recaption.model is null (random weights) but recaption.model_config_path is not set")
+        if self.model_config_path and is_remote(self.model_config_path):
+            raise ValueError(f"recaption.model_config_path must be a local directory, got {self.model_config_path!r}")
+        if self.backend == "vllm" and self.model is None:
+            raise ValueError("recaption.backend 'vllm' needs recaption.model (vLLM cannot build random weights)")
+        if self.backend == "vllm" and self.textualize.enabled:
+            raise ValueError("recaption.textualize runs with backend 'transformers' only")
+        return self
+
+    def random_weights(self) -> bool:
+        return self.model is None
+
+    def name(self) -> str:
+        if self.model_name:
+            return self.model_name
+        spec = self.model or self.model_config_path or "captioner"
+        return spec.rstrip("/").rsplit("/", 1)[-1]
+
+    def template(self, style: str) -> str:
+        if self.prompt is not None:
+            return self.prompt
+        if self.textualize.enabled:
+            return DEFAULT_TEXTUALIZE_PROMPT
+        return DEFAULT_CHAT_PROMPT if style == "chat" else ""
+
+    def settings_key(self) -> str:
+        """What changes a caption (model, prompt, decoding, vision expert): the cache namespace."""
+        data = self.model_dump(mode="json", include={
+            "backend", "model", "revision", "model_config_path", "prompt_style", "prompt", "system_prompt",
+            "max_alt_text_chars", "max_prompt_tokens", "max_new_tokens", "min_new_tokens", "num_beams",
+            "do_sample", "temperature", "top_p", "repetition_penalty", "max_caption_chars", "textualize", "precision"})
+        if self.random_weights():  # random weights: the config file's content is the model
+            data["model_config_digest"] = _dir_digest(self.model_config_path)
+        data["seed"] = RANDOM_SEED
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _dir_digest(path: str | None) -> str | None:
+    if not path or not os.path.isdir(path):
+        return None
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        p = os.path.join(path, name)
+        if os.path.isfile(p) and not name.endswith((".safetensors", ".bin")):
+            h.update(name.encode())
+            with open(p, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()[:16]
