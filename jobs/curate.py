@@ -25,6 +25,7 @@ from jobs.select import run_selection
 from jobs.stages import describe, model_stages, models_of, recaption_cache_root
 from operators.download import HttpDownloader
 from operators.images import ImageProcessor
+from operators.recaption.vllm import apply_vllm_recaption
 from operators.shards import SampleShards
 from operators.sinks import PARQUET_OPTIONS, count_written, sink_prep
 from operators.storage import arrow_fs, fsspec_fs, join, read_json, write_json_atomic
@@ -187,26 +188,6 @@ def build_pipeline(cfg: JobConfig, ds, plan: PipelinePlan):
 def download_actor_cpus(cfg: JobConfig) -> float:
     """CPUs one download actor holds: its downloads and the image work it runs."""
     return HttpDownloader.resources(cfg.download).num_cpus + ImageProcessor.resources(cfg.images).num_cpus
-
-
-def apply_vllm_recaption(ds, rc, storage, cache_root: str):
-    """The vLLM backend: cache lookup -> ray.data.llm's vLLM processor (multimodal stage) -> cache
-    store. Every row passes through; rows not kept or cached send the engine a one-token request."""
-    from functools import partial
-
-    from ray.data import ActorPoolStrategy
-    from ray.data.llm import build_processor
-
-    from operators.recaption import (RecaptionCacheLookup, RecaptionCacheStore, vllm_postprocess,
-                                     vllm_preprocess, vllm_processor_config)
-
-    io_kwargs = {"fn_constructor_kwargs": {"config": rc, "storage": storage, "cache_root": cache_root},
-                 "batch_format": "pyarrow", "num_cpus": 0.25, "compute": ActorPoolStrategy(min_size=1, max_size=2)}
-    ds = ds.map_batches(RecaptionCacheLookup, batch_size=rc.batch_size, **io_kwargs)
-    processor = build_processor(vllm_processor_config(rc, storage), preprocess=partial(vllm_preprocess, cfg=rc),
-                                postprocess=partial(vllm_postprocess, cfg=rc))
-    ds = processor(ds)
-    return ds.map_batches(RecaptionCacheStore, batch_size=rc.batch_size, **io_kwargs)
 
 
 def wave_dataset(cfg: JobConfig, groups: list[list[str]], plan: PipelinePlan):

@@ -24,9 +24,10 @@ class VllmConfig(BaseModel):
     engine_kwargs: dict[str, Any] = Field(default_factory=lambda: {"max_model_len": 8192},
                                           description="vLLM engine arguments (tensor_parallel_size, dtype, ...)")
     concurrency: int = Field(1, ge=1, description="vLLM engine replicas")
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="rows per vLLM engine batch")
     accelerator_type: str | None = Field(None, description="e.g. H100; null = any GPU")
-    image_format: Literal["jpeg", "png", "webp"] = "jpeg"
+    image_format: Literal["jpeg", "png", "webp"] = Field("jpeg", description="how images are sent to the engine "
+                                                                            "(data URLs)")
 
 
 class RecaptionConfig(StageResources):
@@ -34,8 +35,13 @@ class RecaptionConfig(StageResources):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    enabled: bool = False
-    backend: Literal["transformers", "vllm"] = "transformers"
+    enabled: bool = Field(False, description="run the recaption stage: recaption, recaption_model, recaption_cached, "
+                                             "recaption_tokens, recaption_facts, recaption_error; the caption joins "
+                                             "captions with source recaption:<model>")
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers", description="transformers: AutoModelForImageTextToText in GPU actors (BLIP, BLIP-2, GIT, "
+                                    "Florence-2, LLaVA, Qwen2.5-VL, SmolVLM...); vllm: ray.data.llm's vLLM processor "
+                                    "(pip install 'imgcurate[vllm]', GPU only)")
     model: str | None = Field("Salesforce/blip-image-captioning-base",
                               description="HF id, local dir, file:// or s3:// prefix; null = random weights built "
                                           "from model_config_path")
@@ -44,29 +50,31 @@ class RecaptionConfig(StageResources):
                                                             "(random weights: tests, dry run)")
     model_name: str | None = Field(None, description="name in recaption_model and the caption source; "
                                                      "default: the model's last path part")
-    prompt_style: Literal["auto", "prefix", "chat"] = "auto"
+    prompt_style: Literal["auto", "prefix", "chat"] = Field(
+        "auto", description="prefix: the prompt is a text prefix (captioners); chat: the processor's chat template; "
+                            "auto: chat if the processor has a template")
     prompt: str | None = Field(None, description="template; {alt_text} and {facts} are filled in. null: "
                                                  "empty (prefix), a describe-it prompt (chat), the IT prompt "
                                                  "(textualize)")
-    system_prompt: str | None = None
+    system_prompt: str | None = Field(None, description="system message of a chat prompt")
     max_alt_text_chars: int = Field(400, ge=0, description="alt-text put in prompts is cut to this")
-    max_prompt_tokens: int = Field(512, ge=8)
-    max_new_tokens: int = Field(96, ge=1)
-    min_new_tokens: int = Field(0, ge=0)
-    num_beams: int = Field(1, ge=1)
-    do_sample: bool = False
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0)
+    max_prompt_tokens: int = Field(512, ge=8, description="longer prompts are cut (alt-text first)")
+    max_new_tokens: int = Field(96, ge=1, description="decoding: most tokens generated")
+    min_new_tokens: int = Field(0, ge=0, description="decoding: fewest tokens generated")
+    num_beams: int = Field(1, ge=1, description="decoding: beam search width (1: greedy)")
+    do_sample: bool = Field(False, description="decoding: sample instead of greedy or beam search")
+    temperature: float = Field(1.0, gt=0, description="decoding: sampling temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="decoding: nucleus sampling mass")
+    repetition_penalty: float = Field(1.0, gt=0, description="decoding: penalty on repeated tokens")
     max_caption_chars: int = Field(2000, ge=1, description="longer output is cut at a word boundary")
     textualize: DetectorConfig = DetectorConfig()
     vllm: VllmConfig = VllmConfig()
-    cache: bool = True
+    cache: bool = Field(True, description="cache recaptions by (image sha256, settings, prompt inputs)")
     cache_path: str | None = Field(None, description="cache root (local or s3://); null: <output>/_cache/recaption")
     cache_dir: str | None = Field(None, description="where s3:// models are copied (default: a temp dir)")
-    device: Literal["auto", "cuda", "cpu"] = "auto"
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when the actor has a GPU, else CPU")
     precision: Literal["auto", "fp16", "bf16", "fp32"] = Field("auto", description="auto: fp16 on CUDA, fp32 on CPU")
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="rows per actor call")
     micro_batch: int = Field(32, ge=1, description="images per generate call")
 
     @model_validator(mode="after")

@@ -17,15 +17,17 @@ class DetectorConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    enabled: bool = False
-    backend: Literal["torchvision", "transformers"] = "torchvision"
+    enabled: bool = Field(False, description="Image Textualization: a detector lists objects with boxes, sizes and "
+                                             "positions for the prompt")
+    backend: Literal["torchvision", "transformers"] = Field(
+        "torchvision", description="a torchvision COCO detector, or a transformers AutoModelForObjectDetection")
     model: str = Field("fasterrcnn_resnet50_fpn_v2",
                        description="torchvision detection model name, or a transformers detector's local dir / HF id")
     weights: str | None = Field("DEFAULT", description="torchvision: a weights tag (downloads), a checkpoint path / "
                                                        "file:// / s3://, or null = random weights")
-    score_threshold: float = Field(0.5, ge=0, le=1)
+    score_threshold: float = Field(0.5, ge=0, le=1, description="detections below this confidence are not facts")
     max_objects: int = Field(12, ge=1, description="facts listed per image, largest-scoring first")
-    device: Literal["auto", "cuda", "cpu"] = "auto"
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: the recaption stage's device")
 
 
 class TorchvisionDetector:
