@@ -58,7 +58,7 @@ class RecaptionConfig(StageResources):
                                                  "(textualize)")
     system_prompt: str | None = Field(None, description="system message of a chat prompt")
     max_alt_text_chars: int = Field(400, ge=0, description="alt-text put in prompts is cut to this")
-    max_prompt_tokens: int = Field(512, ge=8, description="longer prompts are cut (alt-text first)")
+    max_prompt_tokens: int = Field(512, ge=8, description="prompts are truncated to this many tokens")
     max_new_tokens: int = Field(96, ge=1, description="decoding: most tokens generated")
     min_new_tokens: int = Field(0, ge=0, description="decoding: fewest tokens generated")
     num_beams: int = Field(1, ge=1, description="decoding: beam search width (1: greedy)")
