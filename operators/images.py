@@ -31,15 +31,17 @@ class ImageConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    image_size: int = Field(256, ge=8, le=16384)
-    resize_mode: ResizeMode = "border"
-    resize_only_if_bigger: bool = False
-    encode_format: Literal["jpg", "webp", "png"] = "jpg"
-    encode_quality: int = Field(95, ge=0, le=100)
+    image_size: int = Field(256, ge=8, le=16384, description="target size in pixels (img2dataset's image_size)")
+    resize_mode: ResizeMode = Field("border", description="img2dataset's resize modes: no, border (pad to a "
+                                                          "square), keep_ratio, keep_ratio_largest, center_crop")
+    resize_only_if_bigger: bool = Field(False, description="never upscale")
+    encode_format: Literal["jpg", "webp", "png"] = Field("jpg", description="format of the written image")
+    encode_quality: int = Field(95, ge=0, le=100, description="jpg/webp quality; for png a compression level 0-9")
     # Tracking pixels (1x1), spacers and icons (16-48 px) are not training images, and below 64 px the
     # default 256 px output would be a 4x+ upscale; img2dataset keeps them (its default is 0).
     min_image_size: int = Field(64, ge=0, description="smallest side, pixels; smaller images are dropped (too_small)")
-    max_aspect_ratio: float = Field(float("inf"), gt=0)
+    max_aspect_ratio: float = Field(float("inf"), gt=0, description="longer over shorter side; more is dropped "
+                                                                       "(aspect_ratio)")
     max_pixels: int = Field(89_478_485, gt=0, description="width x height from the header; larger is refused")
     reduce_on_decode: float | None = Field(
         2.0, ge=1.0,

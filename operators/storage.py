@@ -23,8 +23,8 @@ class StorageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
-    region: str | None = None
-    anon: bool = False
+    region: str | None = Field(None, description="S3 region")
+    anon: bool = Field(False, description="unsigned requests (public buckets)")
 
 
 def is_remote(path: str) -> bool:
