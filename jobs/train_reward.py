@@ -47,7 +47,7 @@ from operators.clip import model_report as clip_model_report
 from operators.models.reward import (
     CHECKPOINT_FORMAT, FEATURES, build_head, load_backbone, save_reward_checkpoint,
 )
-from operators.storage import StorageConfig, arrow_fs, fsspec_fs, is_remote, join, write_json_atomic
+from operators.storage import StorageConfig, arrow_fs, fsspec_fs, is_remote, join, write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger("imgcurate.train_reward")
 
@@ -575,18 +575,6 @@ class TrainReport:
         return "\n".join(lines)
 
 
-def _write_bytes(path: str, data: bytes, storage: StorageConfig | None) -> None:
-    fs, p = fsspec_fs(path, storage)
-    fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
-    if is_remote(path):
-        with fs.open(p, "wb") as f:
-            f.write(data)
-        return
-    with fs.open(p + ".tmp", "wb") as f:
-        f.write(data)
-    fs.mv(p + ".tmp", p)
-
-
 # Ray Data's read and split tasks feed the workers while they train: they need CPUs beside the
 # workers', or the workers wait for data that never comes (Ray Data's default is 1 CPU a task).
 INGEST_TASK_CPUS = 0.25
@@ -640,7 +628,7 @@ def run(cfg: TrainRewardConfig) -> TrainReport:
         with open(os.path.join(d, HEAD_FILE), "rb") as f:
             blob = f.read()
     head_path = join(cfg.out, HEAD_FILE)
-    _write_bytes(head_path, blob, cfg.storage)
+    write_bytes_atomic(head_path, blob, cfg.storage)
     if cfg.backbone_type == "blip":
         backbone = {"model": "blip-itm", "pretrained": cfg.blip_path, "random_weights": False}
     else:

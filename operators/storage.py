@@ -10,6 +10,7 @@ import json
 import os
 import posixpath
 import tempfile
+import uuid
 from functools import lru_cache
 
 import fsspec
@@ -79,24 +80,35 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts)
 
 
-def write_json_atomic(path: str, obj, storage: StorageConfig | None = None) -> None:
-    """Write JSON so that readers see either nothing or the whole file.
+def write_bytes_atomic(path: str, data: bytes, storage: StorageConfig | None = None) -> None:
+    """Write bytes so that readers see either the old file or the whole new one, never a part.
 
-    Local: write a temporary file and rename. S3: a single PUT is atomic already.
-    """
+    Object storage: one PUT, atomic already. Local: a temporary file of a unique name in the same
+    directory (two writers of one path never share it), then an atomic rename; the temporary file
+    is removed if the write fails."""
     fs, p = fsspec_fs(path, storage)
-    data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
     parent = posixpath.dirname(p)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
     if is_remote(path):
-        with fs.open(p, "wb") as f:
-            f.write(data)
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        fs.pipe_file(p, data)
         return
-    tmp = p + ".tmp"
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    fs.mv(tmp, p)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    tmp = f"{p}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: str, obj, storage: StorageConfig | None = None) -> None:
+    """Write JSON so that readers see either nothing or the whole file (``write_bytes_atomic``)."""
+    write_bytes_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), storage)
 
 
 def read_json(path: str, storage: StorageConfig | None = None):

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from operators.models.clip import ClipModel
 from operators.models.common import RANDOM_SEED, decode_all, resolve_device, seeded
-from operators.storage import StorageConfig, fsspec_fs, is_remote
+from operators.storage import StorageConfig, fsspec_fs, write_bytes_atomic
 
 if TYPE_CHECKING:
     from operators.clip import ClipConfig
@@ -69,17 +69,7 @@ def save_reward_checkpoint(path: str, head, meta: dict, backbone_state: dict | N
     state = {k: v.detach().cpu().float() for k, v in head.state_dict().items()}
     bstate = None if not backbone_state else {k: v.detach().cpu().float() for k, v in backbone_state.items()}
     torch.save({"format": CHECKPOINT_FORMAT, "head": state, "backbone_state": bstate, "meta": meta}, buf)
-    fs, p = fsspec_fs(path, storage)
-    parent = p.rsplit("/", 1)[0] if "/" in p else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    if is_remote(path):  # one PUT: atomic
-        with fs.open(p, "wb") as f:
-            f.write(buf.getvalue())
-    else:
-        with fs.open(p + ".tmp", "wb") as f:
-            f.write(buf.getvalue())
-        fs.mv(p + ".tmp", p)
+    write_bytes_atomic(path, buf.getvalue(), storage)
     return path
 
 

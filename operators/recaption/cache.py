@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
-from operators.storage import StorageConfig, fsspec_fs, is_remote, join
+from operators.storage import StorageConfig, fsspec_fs, is_remote, join, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +53,4 @@ class RecaptionCache:
             self.fs.pipe(blobs)  # one PUT each: atomic
             return
         for p, data in blobs.items():  # local: write then rename, so a reader never sees half a file
-            os.makedirs(os.path.dirname(p), exist_ok=True)
-            tmp = f"{p}.{os.getpid()}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, p)
+            write_bytes_atomic(p, data)
