@@ -50,7 +50,8 @@ class ImageConfig(BaseModel):
                     "resize as usual; null: always decode in full (img2dataset's exact pixels)")
     num_cpus: float = Field(0.5, gt=0, description="CPUs the download actor adds for image work (it runs there, "
                                                    "on ceil(num_cpus) threads)")
-    batch_size: int = Field(64, ge=1, description="rows per call of the function form; the job uses download.yield_rows")
+    batch_size: int = Field(64, ge=1, description="rows per call when the image stage runs on its own; the job runs it "
+                                                   "in the download actor, on chunks of download.yield_rows")
 
 
 class ImageProcessor(Operator):
@@ -245,12 +246,6 @@ def pil_to_cv(im):
     return cv2.cvtColor(arr, cv2.COLOR_RGBA2BGRA if im.mode == "RGBA" else cv2.COLOR_RGB2BGR)
 
 
-def decode_resize_encode(data: bytes, mode: str, size: int, only_if_bigger: bool, fmt: str,
-                         params: list[int]) -> tuple[bytes, int, int]:
-    """img2dataset's Resizer semantics with OpenCV calls only. Raises ValueError on bad data."""
-    return resize_encode(decode(data), mode, size, only_if_bigger, fmt, params)
-
-
 def resize_encode(img, mode: str, size: int, only_if_bigger: bool, fmt: str,
                   params: list[int], orig_size: tuple[int, int] | None = None) -> tuple[bytes, int, int]:
     """Resize decoded pixels as img2dataset's Resizer does, then encode. Raises ValueError.
@@ -287,15 +282,3 @@ def resize_encode(img, mode: str, size: int, only_if_bigger: bool, fmt: str,
     if not ok:
         raise ValueError(f"cannot encode as {fmt}")
     return buf.tobytes(), int(img.shape[1]), int(img.shape[0])
-
-
-_PROCESSORS: dict[str, ImageProcessor] = {}
-
-
-def process_images(batch: pa.Table, config: ImageConfig) -> pa.Table:
-    """Function form for ``map_batches`` tasks; one processor per config per worker process."""
-    key = config.model_dump_json()
-    proc = _PROCESSORS.get(key)
-    if proc is None:
-        proc = _PROCESSORS[key] = ImageProcessor(config)
-    return proc(batch)

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image, ImageOps
 
-from operators.images import ImageConfig, ImageProcessor, process_images
+from operators.images import ImageConfig, ImageProcessor
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -348,9 +348,9 @@ def test_one_bad_row_does_not_spoil_the_batch(sample_dir):
     assert [r["sample_id"] for r in rows] == ["id0", "id1", "id2", "id3"]
 
 
-def test_process_images_function_form(sample_dir):
+def test_processor_resizes_one_image(sample_dir):
     cfg = ImageConfig(image_size=48, resize_mode="center_crop")
-    out = process_images(_batch([_file(sample_dir, "00001.jpg")]), cfg).to_pylist()
+    out = ImageProcessor(cfg)(_batch([_file(sample_dir, "00001.jpg")])).to_pylist()
     assert (out[0]["width"], out[0]["height"]) == (48, 48)
 
 
@@ -402,14 +402,14 @@ def test_resize_matches_img2dataset_resizer(mode, only_if_bigger):
     _os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     from img2dataset.resizer import Resizer
 
-    from operators.images import ImageConfig, ImageProcessor, decode_resize_encode
+    from operators.images import ImageConfig, ImageProcessor, decode, resize_encode
 
     ref = Resizer(image_size=128, resize_mode=mode, resize_only_if_bigger=only_if_bigger, encode_quality=90)
     params = ImageProcessor(ImageConfig(image_size=128, encode_quality=90))._encode_params()
     for data in _i2d_parity_inputs():
         want, ww, wh, _, _, err = ref(_io.BytesIO(data))
         assert err is None
-        got, gw, gh = decode_resize_encode(data, mode, 128, only_if_bigger, "jpg", params)
+        got, gw, gh = resize_encode(decode(data), mode, 128, only_if_bigger, "jpg", params)
         assert (gw, gh) == (ww, wh)
         assert got == want, f"{mode} {only_if_bigger}: output differs from img2dataset's"
 
