@@ -7,10 +7,10 @@
         [--set KEY=VALUE ...] [--job-env NAME=VALUE ...]
 
 Default: a realistic web (shared BENCHMARKS.md, "What a realistic web looks like"). A local sample
-server (``python -m jobs.sample_server``, its own process, 127.0.0.1 only) serves N distinct URLs
+server (``python -m jobs.samples.server``, its own process, 127.0.0.1 only) serves N distinct URLs
 ``/web/NAME?i=K`` cycling through 64 photo-like JPEGs (``image_bench.make_jpegs``: long side uniform
 in 200-1,400 px, mean ~800, aspect ratios 1:1 to 2:1 both ways, quality 75-92, ~6-320 KB). Each URL's
-fate is fixed by the server's seed and the URL (``jobs.sample_server.WEB_FATES``): 89% images,
+fate is fixed by the server's seed and the URL (``jobs.samples.server.WEB_FATES``): 89% images,
 3% redirect chains of 1-3 hops to the image, and 8% that fail on the first attempt: 404 (2.5%),
 500 once or twice then the image (2%), a truncated body then the image (1%), 429 with
 ``Retry-After: 1`` then the image (0.7%), 503 always (0.5%), HTML served as image/jpeg (0.5%),
@@ -22,8 +22,8 @@ the fates and responses it saw are printed per run.
 
 The realistic web has many hosts, as a real crawl does (LAION's URL lists span millions of domains, a
 few CDNs holding many images): the server listens on ``--web-hosts`` K loopback addresses
-(127.0.0.1 ... 127.0.0.K, one port; ``--hosts`` of ``jobs.sample_server``) and URL number k goes to
-host ``jobs.sample_server.web_host(web seed, k, K)``: Zipf shares, host j (1-based) weighs 1/j^s
+(127.0.0.1 ... 127.0.0.K, one port; ``--hosts`` of ``jobs.samples.server``) and URL number k goes to
+host ``jobs.samples.server.web_host(web seed, k, K)``: Zipf shares, host j (1-based) weighs 1/j^s
 (``--web-host-zipf`` s, default 1). At K=64, s=1 the top host holds 21.1% of URLs (1/H_64), the top 5
 48%, the last 0.33%; drawn per index, the N=4000 list gives the top host 21.05% (842 URLs), the
 N=400 one 18.0% (72; 54 of the 64 hosts used). Both tools fetch the same list (only the port differs
@@ -340,13 +340,13 @@ def run_measured(cmd: list[str], log_path: Path, timeout_s: float, env: dict | N
 
 
 class ServerProc:
-    """``python -m jobs.sample_server`` in its own process (not sharing a GIL with a client)."""
+    """``python -m jobs.samples.server`` in its own process (not sharing a GIL with a client)."""
 
     def __init__(self, images: Path, latency_ms: float, fault_rate: float, seed: int = 0,
                  web_latency_ms: float = 60.0, web_seed: int = 0, hosts: int = 1):
-        from jobs.sample_server import parse_listening_line
+        from jobs.samples.server import parse_listening_line
 
-        cmd = [sys.executable, "-m", "jobs.sample_server", "--dir", str(images), "--host", "127.0.0.1",
+        cmd = [sys.executable, "-m", "jobs.samples.server", "--dir", str(images), "--host", "127.0.0.1",
                "--hosts", str(hosts), "--port", "0", "--latency-ms", str(latency_ms), "--fault-rate",
                str(fault_rate), "--seed", str(seed), "--web-latency-ms", str(web_latency_ms),
                "--web-seed", str(web_seed)]
@@ -390,7 +390,7 @@ class ServerProc:
 
 # ------------------------------------------------------------------------------ inputs
 def prepare_images(work: Path, mode: str) -> tuple[Path, list[str]]:
-    from jobs.sample_data import generate_images, good_image_names
+    from jobs.samples.data import generate_images, good_image_names
 
     if mode == "photos":
         return prepare_photos(work)
@@ -449,14 +449,14 @@ def describe_images(images: Path, names: list[str]) -> str:
 
 def url_hosts(n: int, hosts: int, exponent: float, seed: int) -> list[int]:
     """The host (0-based) of each of the N URLs: Zipf shares, drawn per index (``web_host``)."""
-    from jobs.sample_server import web_host
+    from jobs.samples.server import web_host
 
     return [web_host(seed, k, hosts, exponent) for k in range(n)]
 
 
 def host_spread(hosts_of: list[int], hosts: int, exponent: float) -> dict:
     """How a URL list spreads over its hosts: the top host's share, expected and drawn, and more."""
-    from jobs.sample_server import web_host_weights
+    from jobs.samples.server import web_host_weights
 
     counts = sorted((hosts_of.count(h) for h in range(hosts)), reverse=True)
     n = max(len(hosts_of), 1)
@@ -803,7 +803,7 @@ def _header(args, shard_rows, cores, load_before, load_after, job_env) -> list[s
            f"retries {RETRIES}, timeout {TIMEOUT_S}s, output parquet")
     env = f"; job environment {' '.join(f'{k}={v}' for k, v in job_env.items())}" if job_env else ""
     if args.mode == "web":
-        from jobs.sample_server import WEB_FATES, WEB_OK_SHARE
+        from jobs.samples.server import WEB_FATES, WEB_OK_SHARE
         from operators.download import DownloadConfig
 
         fates = ", ".join(f"{k} {v:.1%}" for k, v in [("ok", WEB_OK_SHARE), *WEB_FATES])

@@ -1,7 +1,7 @@
 """The dry run: a local HTTP server serves the bundled sample; the job runs configs/dryrun.yaml.
 
 Everything stays on 127.0.0.1. The sample (a few hundred generated images plus failing,
-opt-out, corrupt, non-image, duplicate and oversized cases) is made by jobs/sample_data.py.
+opt-out, corrupt, non-image, duplicate and oversized cases) is made by jobs/samples/data.py.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import yaml
 
 from jobs import curate
 from jobs.config import CONFIG_DIR, load_config
-from jobs.sample_data import build_dryrun_sample, images_dir
-from jobs.sample_server import SampleServer
+from jobs.samples.data import build_dryrun_sample, images_dir
+from jobs.samples.server import SampleServer
 
 log = logging.getLogger(__name__)
 

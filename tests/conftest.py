@@ -35,7 +35,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @pytest.fixture(scope="session")
 def sample_dir(tmp_path_factory) -> str:
-    from jobs.sample_data import generate_images, images_dir
+    from jobs.samples.data import generate_images, images_dir
 
     work = tmp_path_factory.mktemp("sample")
     generate_images(images_dir(str(work)), n_good=N_GOOD)
@@ -44,8 +44,8 @@ def sample_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def image_server(sample_dir):
-    from jobs.sample_data import images_dir
-    from jobs.sample_server import SampleServer
+    from jobs.samples.data import images_dir
+    from jobs.samples.server import SampleServer
 
     with SampleServer(root_dir=images_dir(sample_dir)) as server:
         yield server

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from operators.download import DownloadConfig, HttpDownloader, parse_retry_after, robots_forbids, sniff_image
-from jobs.sample_server import SampleServer
+from jobs.samples.server import SampleServer
 from tests.helpers import batch_of
 
 FAST = dict(allow_loopback=True, timeout_s=1.0, connect_timeout_s=1.0, retries=2, backoff_base_s=0.05,
@@ -114,7 +114,7 @@ def test_dropped_rows_are_not_fetched(fetch, image_server):
 
 
 def test_many_concurrent_requests(fetch):
-    from jobs.sample_data import good_image_names
+    from jobs.samples.data import good_image_names
     from tests.conftest import N_GOOD
 
     rows = fetch([f"/img/{n}" for n in good_image_names(N_GOOD)], concurrency=8, per_host_concurrency=4)
@@ -134,8 +134,8 @@ def test_loopback_denied_refuses_127_0_0_2(fetch, image_server):
 
 def test_redirect_to_loopback_refused(fetch, sample_dir, image_server):
     """The test server on 127.0.0.3 is allowed by CIDR; its redirect to 127.0.0.1 must be refused."""
-    from jobs.sample_data import images_dir
-    from jobs.sample_server import SampleServer
+    from jobs.samples.data import images_dir
+    from jobs.samples.server import SampleServer
 
     image_server.reset_hits()
     target = image_server.url("/img/00001.jpg")  # on 127.0.0.1
@@ -184,7 +184,7 @@ def test_redirects_to_unicode_loopback_spellings_refused(fetch, sample_dir, imag
     """An allowed host (127.0.0.3, by CIDR) redirects to each spelling of 127.0.0.1: none is followed."""
     from urllib.parse import quote
 
-    from jobs.sample_data import images_dir
+    from jobs.samples.data import images_dir
 
     port = image_server.base_url.rsplit(":", 1)[1]
     with RawRedirectServer(root_dir=images_dir(sample_dir), host="127.0.0.3") as other:
@@ -277,8 +277,8 @@ def test_streaming_call_yields_every_row_once(image_server):
 
 def test_dropped_connections_are_retried_then_recorded(sample_dir):
     """A server that faults every request: each URL ends as http_500 or connection_error after retries."""
-    from jobs.sample_data import images_dir
-    from jobs.sample_server import SampleServer
+    from jobs.samples.data import images_dir
+    from jobs.samples.server import SampleServer
 
     with SampleServer(root_dir=images_dir(sample_dir), fault_rate=1.0, seed=3) as bad:
         d = HttpDownloader(DownloadConfig(**{**FAST, "retries": 1}))

@@ -10,7 +10,7 @@ import pytest
 
 from jobs import curate
 from jobs.config import ConfigError
-from jobs.sample_data import sample_cases, write_url_list
+from jobs.samples.data import sample_cases, write_url_list
 from tests.conftest import N_GOOD
 from tests.pipeline_helpers import job_config
 

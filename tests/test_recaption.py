@@ -441,7 +441,7 @@ def test_job_recaptions_kept_samples_and_a_refresh_reuses_the_cache(ray_session,
     import pyarrow.parquet as pq
 
     from jobs import curate
-    from jobs.sample_data import sample_cases, write_url_list
+    from jobs.samples.data import sample_cases, write_url_list
     from tests.pipeline_helpers import job_config
 
     cases = sample_cases(12)

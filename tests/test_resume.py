@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from jobs.sample_data import good_image_names, images_dir
-from jobs.sample_server import SampleServer
+from jobs.samples.data import good_image_names, images_dir
+from jobs.samples.server import SampleServer
 from tests.conftest import N_GOOD, RAY_TEST_CPUS, ROOT
 
 N_SAMPLES = 240

@@ -8,7 +8,7 @@ import json
 import pyarrow.parquet as pq
 
 from jobs import curate
-from jobs.sample_data import sample_cases, write_url_list
+from jobs.samples.data import sample_cases, write_url_list
 from tests.pipeline_helpers import job_config
 
 

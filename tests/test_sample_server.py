@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the repo is not pip-installed and pyproject sets no pythonpath
     sys.path.insert(0, str(ROOT))
 
-from jobs.sample_data import (
+from jobs.samples.data import (
     BOMB_SIZE,
     EXPECT_REASONS,
     build_dryrun_sample,
@@ -30,8 +30,8 @@ from jobs.sample_data import (
     sample_cases,
     write_url_list,
 )  # noqa: E402
-import jobs.sample_server as sample_server  # noqa: E402
-from jobs.sample_server import (  # noqa: E402
+import jobs.samples.server as sample_server  # noqa: E402
+from jobs.samples.server import (  # noqa: E402
     WEB_FATES,
     WEB_OK_SHARE,
     SampleServer,
@@ -172,8 +172,8 @@ def test_loopback_only():
 
 
 def start_cli(image_dir, *flags: str) -> subprocess.Popen:
-    """``python -m jobs.sample_server`` on a free port with ``flags``; the caller kills it."""
-    return subprocess.Popen([sys.executable, "-m", "jobs.sample_server", "--dir", str(image_dir), "--port", "0",
+    """``python -m jobs.samples.server`` on a free port with ``flags``; the caller kills it."""
+    return subprocess.Popen([sys.executable, "-m", "jobs.samples.server", "--dir", str(image_dir), "--port", "0",
                              *flags], cwd=ROOT, stdout=subprocess.PIPE, text=True)
 
 

@@ -50,7 +50,7 @@ In-process (pytest fixtures, the dry run)::
 
 As a subprocess::
 
-    python -m jobs.sample_server --dir DIR --port 0 --latency-ms 50 --fault-rate 0.1 --seed 0 \
+    python -m jobs.samples.server --dir DIR --port 0 --latency-ms 50 --fault-rate 0.1 --seed 0 \
         [--hosts 1] [--web-latency-ms 60 --web-seed 0 --web-slow-s 12]
 
 prints ``LISTENING http://127.0.0.1:PORT`` as its first stdout line, then serves until killed; with

@@ -3,9 +3,9 @@
 ``generate_images`` writes a few hundred small images plus the hostile files a crawler must
 survive (tiny, extreme aspect ratio, corrupt, a decompression-bomb PNG header); ``sample_cases``
 lists the rows of the URL list, each with the outcome the pipeline should reach (``kept`` or a
-named drop reason), against the routes of ``jobs.sample_server``.
+named drop reason), against the routes of ``jobs.samples.server``.
 
-    python -m jobs.sample_data OUT_DIR [--n-good 240] [--seed 0] [--base-url URL]
+    python -m jobs.samples.data OUT_DIR [--n-good 240] [--seed 0] [--base-url URL]
 """
 
 from __future__ import annotations
