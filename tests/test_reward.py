@@ -12,7 +12,7 @@ from pydantic import ValidationError
 torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 
-from jobs.train_reward import (  # noqa: E402
+from operators.reward_training import (  # noqa: E402
     TrainRewardConfig, fit, is_val, prefs_from_table, split_key, synthetic_preferences,
 )
 from operators.clip import ClipConfig  # noqa: E402

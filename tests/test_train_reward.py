@@ -14,9 +14,11 @@ import pytest
 torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 
-from jobs.train_reward import (  # noqa: E402
-    TrainRewardConfig, bt_loss, expand_pairs, fit, is_val, main, prefs_from_table, split_key,
-    synthetic_preferences, tiny_backbone,
+from jobs.train_reward import main  # noqa: E402
+from tests.conftest import ROOT  # noqa: E402
+from operators.reward_training import (  # noqa: E402
+    TrainRewardConfig, bt_loss, expand_pairs, fit, is_val, prefs_from_table, split_key, synthetic_preferences,
+    tiny_backbone,
 )
 from operators.reward import RewardConfig, RewardScorer  # noqa: E402
 
@@ -177,3 +179,20 @@ def test_cli_trains_on_ray_train_and_the_scorer_loads_the_s3_checkpoint(ray_sess
     best = s(t).column("best_caption").to_pylist()
     hits = sum(b == r["captions"][r["ranks"].index(0)] for b, r in zip(best, rows))
     assert hits >= 0.5 * n, f"preferred caption picked for {hits}/{n} held-out images (chance: 1/4)"
+
+
+def test_cli_takes_a_yaml_config_and_set_for_every_key(tmp_path):
+    from jobs.config import ConfigError
+    from jobs.train_reward import build_parser, config_from_args
+
+    cfg_file = ROOT / "configs" / "train_reward.yaml"
+    args = build_parser().parse_args([str(cfg_file), "--set", "dropout=0.3", "--set", "backbone_lr=2e-5",
+                                      "--set", "weight_decay=0", "--epochs", "3", "--backbone-pretrained", "none"])
+    c = config_from_args(args)
+    assert (c.dropout, c.backbone_lr, c.weight_decay, c.epochs) == (0.3, 2e-5, 0.0, 3)
+    assert c.backbone.pretrained is None and c.backbone.model == "ViT-B-32"
+    c = config_from_args(build_parser().parse_args(["--data", "d", "--out", "o", "--synthetic", "8"]))
+    assert c.backbone.model == tiny_backbone().model and c.backbone.pretrained is None
+    with pytest.raises(ConfigError, match="dropoutt"):
+        config_from_args(build_parser().parse_args([str(cfg_file), "--set", "dropoutt=0.3"]))
+    assert main([str(cfg_file), "--set", "weight_decay=-1"]) == 2
