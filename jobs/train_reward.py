@@ -2,20 +2,13 @@
 
 The entry point; the library (data, pairs, loss, trainer loop, evaluation) is operators/reward_training.py.
 
-Compress & Align (Zhang et al., 2023) trains its reward model on human rankings of several
-captions per image, expanded into pairwise comparisons, with ImageReward's (Xu et al., 2023)
-Bradley-Terry loss ``-log sigmoid(r_a - r_b)`` for "a preferred over b". Ties are allowed in a
-ranking: with ``ties: half`` a tied pair is a comparison with target 0.5 (the loss is symmetric
-in the pair and minimal at equal rewards, so ties pull rewards together and never push a
-direction); with ``ties: skip`` they yield no pair.
+The method (Compress & Align's rankings as Bradley-Terry pairs, ties, the held-out split) is
+described in operators/reward_training.py.
 
 Input: Parquet rows with ``image`` (bytes) or ``image_uri`` (path, file://, s3://),
 ``captions`` (list<string>) and ``ranks`` (list<int>, lower is better, equal is a tie), and
-optionally ``id``. Rows are split into train and held-out by a hash of the row's id (or image),
-so held-out pairs are of unseen images. The backbone is frozen by default and its features are
-computed once per (image, caption); ``unfreeze_last_blocks`` tunes the last blocks of the towers
-too. Training runs on Ray Train's ``TorchTrainer`` (CPU workers, or GPU workers on a cluster);
-gradients are averaged over workers with an explicit all-reduce. The head checkpoint goes to
+optionally ``id``. Training runs on Ray Train's ``TorchTrainer`` (CPU workers, or GPU workers on a
+cluster). The head checkpoint goes to
 ``OUT/reward_head.pt`` (local or s3://), the report to ``OUT/train_report.json``: held-out
 pairwise accuracy of the trained reward, of the untrained head and of plain CLIP score.
 
