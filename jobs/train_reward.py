@@ -1,9 +1,8 @@
 """Train the reward head (operators/reward.py) on caption-preference rankings, with Ray Train.
 
-The entry point; the library (data, pairs, loss, trainer loop, evaluation) is operators/reward_training.py.
-
-The method (Compress & Align's rankings as Bradley-Terry pairs, ties, the held-out split) is
-described in operators/reward_training.py.
+The entry point; the library (data, pairs, loss, trainer loop, evaluation) and the method
+(Compress & Align's rankings as Bradley-Terry pairs, ties, the held-out split) are in
+operators/reward_training.py.
 
 Input: Parquet rows with ``image`` (bytes) or ``image_uri`` (path, file://, s3://),
 ``captions`` (list<string>) and ``ranks`` (list<int>, lower is better, equal is a tie), and
@@ -161,7 +160,10 @@ def config_from_args(args) -> TrainRewardConfig:
         p = Path(args.config)
         if not p.exists():
             raise ConfigError(f"config file not found: {args.config}")
-        data = yaml.safe_load(p.read_text()) or {}
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {args.config} is not valid YAML: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"config file {args.config} must hold a mapping, got {type(data).__name__}")
     flags = [f"{key}={json.dumps(getattr(args, dest))}" for dest, key in FLAG_KEYS.items()

@@ -196,3 +196,8 @@ def test_cli_takes_a_yaml_config_and_set_for_every_key(tmp_path):
     with pytest.raises(ConfigError, match="dropoutt"):
         config_from_args(build_parser().parse_args([str(cfg_file), "--set", "dropoutt=0.3"]))
     assert main([str(cfg_file), "--set", "weight_decay=-1"]) == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config_from_args(build_parser().parse_args([str(bad)]))
+    assert main([str(bad)]) == 2 and main(["--data", "d", "--out", "o", "--set", "nokey=1"]) == 2

@@ -381,7 +381,7 @@ def build_dryrun_sample(work_dir: str, base_url: str, n_good: int = 240, fmt: st
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Generate the dry-run sample images.")
+    parser = argparse.ArgumentParser(prog="python -m jobs.samples.data", description="Generate the dry-run sample images.")
     parser.add_argument("out_dir")
     parser.add_argument("--n-good", type=int, default=240)
     parser.add_argument("--seed", type=int, default=0)

@@ -677,7 +677,7 @@ class SampleServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m jobs.samples.server", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", default=None, help="directory served under /img/")
     parser.add_argument("--host", default="127.0.0.1", help="loopback address to bind (the first)")
     parser.add_argument("--hosts", type=int, default=1,
