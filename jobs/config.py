@@ -157,21 +157,25 @@ def _format_error(err: ValidationError) -> str:
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
+def read_config_file(path: str | Path) -> dict:
+    """The mapping a YAML config file holds; a missing file, bad YAML or a non-mapping is a ConfigError."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 data: dict | None = None) -> JobConfig:
     """YAML file (or a dict) plus ``key=value`` overrides -> validated ``JobConfig``."""
     if data is None:
-        data = {}
-        if path is not None:
-            p = Path(path)
-            if not p.exists():
-                raise ConfigError(f"config file not found: {path}")
-            try:
-                data = yaml.safe_load(p.read_text()) or {}
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-            if not isinstance(data, dict):
-                raise ConfigError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+        data = read_config_file(path) if path is not None else {}
     data = json.loads(json.dumps(data))  # deep copy
     for o in overrides or []:
         apply_override(data, o)

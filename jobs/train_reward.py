@@ -25,13 +25,11 @@ import os
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import pyarrow.parquet as pq
-import yaml
 from pydantic import ValidationError
 
-from jobs.config import ConfigError, _format_error, apply_override
+from jobs.config import ConfigError, _format_error, apply_override, read_config_file
 from jobs.sizing import ResourceError
 from operators.clip import model_report as clip_model_report
 from operators.reward_training import (
@@ -155,17 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args) -> TrainRewardConfig:
     """The YAML config (if any), then the flags given, then ``--set``; a bad key or value is a ConfigError."""
-    data: dict = {}
-    if args.config:
-        p = Path(args.config)
-        if not p.exists():
-            raise ConfigError(f"config file not found: {args.config}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {args.config} is not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {args.config} must hold a mapping, got {type(data).__name__}")
+    data: dict = read_config_file(args.config) if args.config else {}
     flags = [f"{key}={json.dumps(getattr(args, dest))}" for dest, key in FLAG_KEYS.items()
              if getattr(args, dest) is not None]
     if args.use_gpu:
