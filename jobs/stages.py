@@ -14,7 +14,7 @@ declares ``columns`` and ``reasons``) under ``operators/``, then add one ``Stage
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from pydantic import BaseModel
@@ -73,7 +73,6 @@ class Stage:
     reasons: tuple[DropReason, ...] = ()
     writer_hint: str = ""  # how to make it write its columns, named when a later stage lacks one
     always: bool = False  # runs whatever the config (no ``enabled`` key)
-    notes: str = field(default="", compare=False)
 
     def stage_config(self, cfg: "JobConfig") -> BaseModel:
         return getattr(cfg, self.section)
@@ -239,7 +238,7 @@ def _could_write(s: Stage, column: str) -> bool:
 def describe(cfg: "JobConfig", plan=None) -> str:
     """The chain as a table: stage, where it runs, reads, writes, resources, model."""
     models = models_of(cfg)
-    rows = [(PLAN_STAGE, "plan tasks", "input files", ", ".join(PLAN_COLUMNS), "", "")]
+    rows = [(PLAN_STAGE, "plan tasks", "input files", ", ".join(PLAN_COLUMNS), "")]
     for s in enabled_stages(cfg):
         cols = s.columns(cfg)
         res = s.resources(cfg)
@@ -253,9 +252,9 @@ def describe(cfg: "JobConfig", plan=None) -> str:
         model = "; ".join(f"{k}={m.get('model')}" + (" (RANDOM WEIGHTS)" if m.get("random_weights") else
                                                        f" ({m.get('pretrained')})") for k, m in mine.items())
         reads = ", ".join(cols.reads) + (f" [optional: {', '.join(cols.optional)}]" if cols.optional else "")
-        rows.append((s.section, where, reads, ", ".join(cols.writes), model, ""))
+        rows.append((s.section, where, reads, ", ".join(cols.writes), model))
     out = []
-    for name, where, reads, writes, model, _ in rows:
+    for name, where, reads, writes, model in rows:
         out.append(f"{name}  [{where}]")
         out.append(f"    reads:  {reads or '-'}")
         out.append(f"    writes: {writes or '-'}")
