@@ -315,18 +315,20 @@ def run(cfg: JobConfig) -> dict:
             marker = run_wave(cfg, i, buckets)
         markers.append(marker)
     t_sel = time.time()
-    selections = run_selection(cfg, [f for m in markers for f in m["files"]])
+    phase2 = run_selection(cfg.selection, [f for m in markers for f in m["files"]], cfg.output.path, cfg.storage)
     timings = {"plan_s": round(t_plan, 3), "total_s": round(time.time() - t0, 3),
                "phase1_s": round(sum(m["seconds"] for m in markers), 3), "selection_s": round(time.time() - t_sel, 3)}
-    manifest = manifest_of(cfg, plan, markers, resumed, selections, timings)
+    manifest = manifest_of(cfg, plan, markers, resumed, phase2, timings)
     # Data files first, manifest last: a reader trusts only a committed manifest.
     write_json_atomic(join(cfg.output.path, "_manifest.json"), manifest, cfg.storage)
     return manifest
 
 
-def manifest_of(cfg: JobConfig, plan: dict, markers: list[dict], resumed: int, selections: dict,
+def manifest_of(cfg: JobConfig, plan: dict, markers: list[dict], resumed: int, phase2: dict,
                 timings: dict) -> dict:
-    """The run manifest from the plan, the wave markers and the phase-2 reports."""
+    """The run manifest from the plan, the wave markers and the phase-2 report (``run_selection``'s).
+    ``outcomes``/``kept`` count phase 1; ``final`` counts each sample's final status (phase 1's when
+    no phase-2 step is configured)."""
     outcomes: dict[str, int] = {}
     for m in markers:
         for k, v in m["outcomes"].items():
@@ -344,13 +346,16 @@ def manifest_of(cfg: JobConfig, plan: dict, markers: list[dict], resumed: int, s
         "waves": [{"wave": m["wave"], "samples": m["samples"], "seconds": m["seconds"], "files": m["files"]}
                   for m in markers],
         "waves_resumed": resumed,
-        "selections": selections,
+        "selections": phase2.get("steps", {}),
         "data_files": [f for m in markers for f in m["files"]],
         "timings": timings,
         "finished": time.time(),
     }
+    manifest["final"] = phase2.get("final") or {"kept": manifest["kept"], "outcomes": manifest["outcomes"],
+                                                "sidecars": None, "order": []}
+    selections = manifest["selections"]
     if "reward_top_fraction" in selections:  # Compress & Align's figure: how much of the run was removed
-        kept = selections["reward_top_fraction"]["kept"]
+        kept = manifest["final"]["kept"]
         manifest["compression"] = {"samples": plan["samples"], "scored": selections["reward_top_fraction"]["scored"],
                                    "kept": kept,
                                    "kept_fraction": kept / max(plan["samples"], 1),
@@ -388,8 +393,12 @@ def summary_table(manifest: dict) -> str:
         lines.append(f"download: {d['mean_open_requests']:.1f} open requests per actor on average while it had work, "
                      f"of download.concurrency {d['concurrency']} ({d['occupancy']:.0%})")
     for name, sel in (manifest.get("selections") or {}).items():
-        lines.append(f"phase 2 {name}: top {sel['fraction']:g} of {sel['scored']} scored samples, threshold "
-                     f"{sel['threshold']:.4f}, {sel['kept']} kept (final status per sample in {sel['sidecars']})")
+        lines.append(f"phase 2, step {sel['order']} {name}: top {sel['fraction']:g} of {sel['scored']} scored "
+                     f"samples still kept, threshold {sel['threshold']:.4f}, {sel['entering']} -> {sel['kept']} kept")
+    final = manifest.get("final") or {}
+    if final.get("sidecars"):
+        lines.append(f"final: {final['kept']} of {manifest['samples']} samples kept "
+                     f"(each sample's final status in {final['sidecars']})")
     if manifest.get("compression"):
         c = manifest["compression"]
         lines.append(f"compression (reward top fraction): {c['compression_ratio']:.1%} removed, "

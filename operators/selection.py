@@ -6,15 +6,22 @@ process, so the threshold is found exactly with two mergeable histograms over th
 bit pattern (mapped to an order-preserving uint32 key): pass 1 counts the high 16 bits,
 pass 2 counts the low 16 bits inside the one high bucket that holds the cut. Memory is two
 arrays of 65,536 counters per task, whatever the number of rows; partial histograms from
-many tasks simply add. Ties at the threshold are all kept, so the kept count can exceed
-ceil(fraction * N) by the number of rows that share the threshold value.
+many tasks simply add.
+
+The target count is ``k = ceil(fraction * N)`` computed exactly on the fraction as written
+(0.07 of 100 is 7, not the 8 that float arithmetic gives), and the threshold is exactly the
+k-th largest score. Ties at the threshold are all kept (DataComp's reference
+``baselines/apply_filter.py`` also keeps ``score >= threshold``), so the kept count can exceed k
+by the number of rows that share the threshold value. DataComp takes its threshold at sorted
+position ``int(fraction * N)`` (0-based), which keeps one more row than k when ``fraction * N``
+is an integer; ours keeps exactly k then. ``-0.0`` and ``+0.0`` are one score.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
+from fractions import Fraction
 from typing import Callable
 
 import numpy as np
@@ -31,7 +38,9 @@ TOP_FRACTION_REASON = DropReason("{column}_not_top_{fraction}", DROPPED,
 
 
 class SelectionConfig(BaseModel):
-    """Phase-2 selections (``selection:`` in the job config)."""
+    """Phase-2 selections (``selection:`` in the job config). They apply in the order listed here,
+    each over what the previous kept (jobs/select.py); a sample's final status names the first
+    that dropped it."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -47,9 +56,19 @@ class SelectionConfig(BaseModel):
         return {k: v for k, v in picked.items() if v[1] is not None}
 
 
+def top_k(fraction: float, n: int) -> int:
+    """``ceil(fraction * n)`` in exact arithmetic on the fraction as written: the shortest decimal
+    that reads back as the float (``repr``), so 0.07 is 7/100, not the binary 0.0700000000000000067."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be within [0, 1], got {fraction}")
+    f = Fraction(repr(float(fraction)))
+    return -(-(f.numerator * int(n)) // f.denominator)
+
+
 def sortable_keys(values: np.ndarray) -> np.ndarray:
-    """float32 -> uint32 keys with the same order (negative floats flipped, positives offset)."""
-    v = np.ascontiguousarray(values, dtype=np.float32)
+    """float32 -> uint32 keys with the same order (negative floats flipped, positives offset);
+    ``-0.0`` is folded into ``+0.0`` first, so equal scores have one key."""
+    v = np.ascontiguousarray(values, dtype=np.float32) + np.float32(0.0)  # -0.0 + 0.0 == +0.0
     bits = v.view(np.uint32)
     neg = (bits >> 31).astype(bool)
     return np.where(neg, ~bits, bits | np.uint32(0x80000000)).astype(np.uint32)
@@ -93,10 +112,8 @@ class Cut:
 
 def locate_high(hist: np.ndarray, fraction: float) -> Cut:
     """From the merged pass-1 histogram: the high bucket that holds the k-th largest score."""
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"fraction must be within [0, 1], got {fraction}")
     n = int(hist.sum())
-    k = math.ceil(fraction * n)
+    k = top_k(fraction, n)
     cut = Cut(n=n, k=k)
     if k == 0:
         cut.threshold = math.inf

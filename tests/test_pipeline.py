@@ -107,8 +107,6 @@ def test_several_waves_and_input_formats(ray_session, image_server, tmp_path):
 
 
 def test_clip_top_fraction_over_the_whole_run(ray_session, image_server, tmp_path):
-    import math
-
     cases = [c for c in sample_cases(N_GOOD) if c.expect == "kept"][:40]
     urls = write_url_list(cases, image_server.base_url, str(tmp_path / "urls.csv"))
     cfg = job_config(urls, str(tmp_path / "out"), selection={"clip_top_fraction": 0.3},
@@ -116,14 +114,14 @@ def test_clip_top_fraction_over_the_whole_run(ray_session, image_server, tmp_pat
     manifest = curate.run(cfg)
     sel = manifest["selections"]["clip_top_fraction"]
     data = pq.read_table(str(tmp_path / "out" / "data"))
-    side = pq.read_table(str(tmp_path / "out" / "selection" / "clip_top_fraction"))
+    side = pq.read_table(str(tmp_path / "out" / "final"))
     assert sorted(side.column("sample_id").to_pylist()) == sorted(data.column("sample_id").to_pylist())
     scores = [s for s, st in zip(data.column("clip_score").to_pylist(), data.column("status").to_pylist())
               if st == "kept" and s is not None]
-    want = sorted(scores, reverse=True)[math.ceil(0.3 * len(scores)) - 1]
+    want = sorted(scores, reverse=True)[-(-3 * len(scores) // 10) - 1]  # k = ceil(3/10 * n), in integers
     assert sel["threshold"] == pytest.approx(want, abs=0)
     kept = side.filter(pc.equal(side.column("status"), "kept")).num_rows
-    assert kept == sel["kept"] == sum(s >= want for s in scores)
+    assert kept == sel["kept"] == manifest["final"]["kept"] == sum(s >= want for s in scores)
     assert manifest["models"]["clip"]["random_weights"] is True
 
 
