@@ -44,10 +44,11 @@ class SelectionConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    clip_top_fraction: float | None = Field(None, gt=0, le=1, description="keep the top fraction by clip_score "
-                                                                         "over the whole run (DataComp: 0.3)")
-    reward_top_fraction: float | None = Field(None, gt=0, le=1, description="keep the top fraction by reward over "
-                                                                           "the whole run (Compress & Align: <= 0.3)")
+    clip_top_fraction: float | None = Field(None, gt=0, le=1, description="step 1: keep the top fraction by "
+                                                                         "clip_score over the whole run (DataComp: 0.3)")
+    reward_top_fraction: float | None = Field(None, gt=0, le=1, description="step 2: keep the top fraction by "
+                                                                           "reward of what step 1 kept (Compress & "
+                                                                           "Align: <= 0.3)")
 
     def fractions(self) -> dict[str, tuple[str, float]]:
         """The configured selections: name -> (score column, fraction)."""
