@@ -120,8 +120,13 @@ def test_clip_top_fraction_over_the_whole_run(ray_session, image_server, tmp_pat
               if st == "kept" and s is not None]
     want = sorted(scores, reverse=True)[-(-3 * len(scores) // 10) - 1]  # k = ceil(3/10 * n), in integers
     assert sel["threshold"] == pytest.approx(want, abs=0)
-    kept = side.filter(pc.equal(side.column("status"), "kept")).num_rows
-    assert kept == sel["kept"] == manifest["final"]["kept"] == sum(s >= want for s in scores)
+    # The dry-run config behind job_config also keeps a reward top fraction: it applies second, to
+    # what the CLIP cut kept, so the CLIP step's survivors are the kept rows plus the reward step's drops.
+    reasons = side.column("drop_reason").to_pylist()
+    passed_clip = sum(r is None or r.startswith("reward_not_top_") for r in reasons)
+    assert passed_clip == sel["kept"] == sum(s >= want for s in scores)
+    assert reasons.count(None) == manifest["final"]["kept"]
+    assert manifest["final"]["kept"] < sel["kept"] == manifest["selections"]["reward_top_fraction"]["entering"]
     assert manifest["models"]["clip"]["random_weights"] is True
 
 
