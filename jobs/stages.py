@@ -140,9 +140,16 @@ def _reward_files(cfg) -> list[str]:
 
 def _recaption_files(cfg) -> list[str]:
     rc = cfg.recaption
-    keys = ["recaption.model_config_path"] if rc.model_config_path else []
-    if rc.model and rc.model.startswith((".", "/")):  # a local dir, not an HF id, file:// or s3://
-        keys.append("recaption.model")
+    parts = [("recaption", rc)]
+    if rc.textualize.enabled:  # Image Textualization's detector and rewriter
+        parts += [("recaption.textualize.detector", rc.textualize.detector),
+                  ("recaption.textualize.rewriter", rc.textualize.rewriter)]
+    keys = []
+    for prefix, part in parts:
+        if part.model_config_path:
+            keys.append(f"{prefix}.model_config_path")
+        if part.model and part.model.startswith((".", "/")):  # a local dir, not an HF id, file:// or s3://
+            keys.append(f"{prefix}.model")
     return keys
 
 

@@ -26,29 +26,47 @@ def _dtype(precision: str, device: str):
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
 
 
-def load_captioner(cfg: RecaptionConfig, storage: StorageConfig | None = None, device: str = "cpu"):
-    """(model, processor) for a spec: an HF id (hub cache), a local dir, ``file://``, ``s3://``, or random
-    weights built from ``model_config_path`` (seeded: every actor gets the same model)."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+def load_pretrained(auto_cls, spec: str | None, config_path: str | None, revision: str | None,
+                    storage: StorageConfig | None, cache_dir: str | None, dtype):
+    """(model, local path or hub id) for a spec: an HF id (hub cache), a local dir, ``file://``,
+    ``s3://`` (copied once into ``cache_dir``), or ``None``: random weights built from the config
+    in ``config_path`` (seeded: every actor gets the same model). The captioner, the detector and
+    the rewriter all load this way."""
+    from transformers import AutoConfig
 
-    dtype = _dtype(cfg.precision, device)
-    if cfg.model is None:
-        path = cfg.model_config_path
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-        model = seeded(lambda: AutoModelForImageTextToText.from_config(config)).to(dtype)
-    else:
-        path = local_copy(cfg.model, storage, cfg.cache_dir)
-        local = os.path.isdir(path)
-        model = AutoModelForImageTextToText.from_pretrained(path, revision=None if local else cfg.revision,
-                                                            dtype=dtype, local_files_only=local)
-    processor = AutoProcessor.from_pretrained(path, local_files_only=os.path.isdir(path),
-                                              revision=None if os.path.isdir(path) else cfg.revision)
-    return model.to(device).eval(), processor
+    if spec is None:
+        config = AutoConfig.from_pretrained(config_path, local_files_only=True)
+        return seeded(lambda: auto_cls.from_config(config)).to(dtype), config_path
+    path = local_copy(spec, storage, cache_dir)
+    local = os.path.isdir(path)
+    return auto_cls.from_pretrained(path, revision=None if local else revision, dtype=dtype,
+                                    local_files_only=local), path
+
+
+def load_processor(auto_cls, path: str, revision: str | None):
+    """The processor (or tokenizer) saved with a model: a local dir, or a hub id at ``revision``."""
+    local = os.path.isdir(path)
+    return auto_cls.from_pretrained(path, local_files_only=local, revision=None if local else revision)
+
+
+def load_captioner(cfg: RecaptionConfig, storage: StorageConfig | None = None, device: str = "cpu"):
+    """(model, processor) of the captioner (``recaption.model``; see :func:`load_pretrained`)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model, path = load_pretrained(AutoModelForImageTextToText, cfg.model, cfg.model_config_path, cfg.revision,
+                                  storage, cfg.cache_dir, _dtype(cfg.precision, device))
+    return model.to(device).eval(), load_processor(AutoProcessor, path, cfg.revision)
 
 
 def _chat_template_of(processor) -> str | None:
     return getattr(processor, "chat_template", None) or getattr(getattr(processor, "tokenizer", None),
                                                                 "chat_template", None)
+
+
+def _is_tokenizer(obj) -> bool:
+    from transformers import PreTrainedTokenizerBase
+
+    return isinstance(obj, PreTrainedTokenizerBase)
 
 
 class TransformersCaptioner:
@@ -57,7 +75,7 @@ class TransformersCaptioner:
     def __init__(self, cfg: RecaptionConfig, storage: StorageConfig | None, device: str):
         self.cfg = cfg
         self.device = device
-        self.model, self.processor = load_captioner(cfg, storage, device)
+        self.model, self.processor = self._load(storage)
         self.dtype = next(self.model.parameters()).dtype
         style = cfg.prompt_style
         if style == "auto":
@@ -68,6 +86,8 @@ class TransformersCaptioner:
         self.style = style
         self.encoder_decoder = bool(getattr(self.model.config, "is_encoder_decoder", False))
         tok = getattr(self.processor, "tokenizer", None)
+        if tok is None and _is_tokenizer(self.processor):  # a text-only model (the rewriter): no processor
+            tok = self.processor
         self.tokenizer = tok
         if tok is not None and not self.encoder_decoder:
             tok.padding_side = "left"  # decoder-only generation continues from the right end
@@ -76,6 +96,9 @@ class TransformersCaptioner:
         # and a lock for when a retry prepares on this thread.
         self._prep_processor = copy.deepcopy(self.processor)
         self._prep_lock = threading.Lock()
+
+    def _load(self, storage: StorageConfig | None):
+        return load_captioner(self.cfg, storage, self.device)
 
     def text_inputs(self, prompts: list[str]) -> list[str]:
         if self.style != "chat":

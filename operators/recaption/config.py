@@ -1,4 +1,5 @@
-"""Recaption stage settings: the ``recaption:`` section of the job config and its cache namespace."""
+"""Recaption stage settings: the ``recaption:`` section of the job config and its cache namespace
+(which covers every pass of Image Textualization mode: captioner, detector, rewriter)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from operators.base import StageResources
 from operators.models.common import RANDOM_SEED
-from operators.recaption.detectors import DetectorConfig
-from operators.recaption.prompts import DEFAULT_CHAT_PROMPT, DEFAULT_TEXTUALIZE_PROMPT
+from operators.recaption.prompts import DEFAULT_CHAT_PROMPT
+from operators.recaption.textualize import TextualizeConfig
 from operators.storage import is_remote
 
 
@@ -36,7 +37,8 @@ class RecaptionConfig(StageResources):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     enabled: bool = Field(False, description="run the recaption stage: recaption, recaption_model, recaption_cached, "
-                                             "recaption_tokens, recaption_facts, recaption_error; the caption joins "
+                                             "recaption_tokens, recaption_reference, recaption_facts, recaption_removed, "
+                                             "recaption_error; the caption joins "
                                              "captions with source recaption:<model>")
     backend: Literal["transformers", "vllm"] = Field(
         "transformers", description="transformers: AutoModelForImageTextToText in GPU actors (BLIP, BLIP-2, GIT, "
@@ -53,9 +55,9 @@ class RecaptionConfig(StageResources):
     prompt_style: Literal["auto", "prefix", "chat"] = Field(
         "auto", description="prefix: the prompt is a text prefix (captioners); chat: the processor's chat template; "
                             "auto: chat if the processor has a template")
-    prompt: str | None = Field(None, description="template; {alt_text} and {facts} are filled in. null: "
-                                                 "empty (prefix), a describe-it prompt (chat), the IT prompt "
-                                                 "(textualize)")
+    prompt: str | None = Field(None, description="the captioner's template (pass 1 in textualize mode); "
+                                                 "{alt_text} is filled in. null: empty (prefix), a describe-it "
+                                                 "prompt (chat)")
     system_prompt: str | None = Field(None, description="system message of a chat prompt")
     max_alt_text_chars: int = Field(400, ge=0, description="alt-text put in prompts is cut to this")
     max_prompt_tokens: int = Field(512, ge=8, description="prompts are truncated to this many tokens")
@@ -67,7 +69,7 @@ class RecaptionConfig(StageResources):
     top_p: float = Field(1.0, gt=0, le=1, description="decoding: nucleus sampling mass")
     repetition_penalty: float = Field(1.0, gt=0, description="decoding: penalty on repeated tokens")
     max_caption_chars: int = Field(2000, ge=1, description="longer output is cut at a word boundary")
-    textualize: DetectorConfig = DetectorConfig()
+    textualize: TextualizeConfig = TextualizeConfig()
     vllm: VllmConfig = VllmConfig()
     cache: bool = Field(True, description="cache recaptions by (image sha256, settings, prompt inputs)")
     cache_path: str | None = Field(None, description="cache root (local or s3://); null: <output>/_cache/recaption")
@@ -86,11 +88,25 @@ class RecaptionConfig(StageResources):
         if self.backend == "vllm" and self.model is None:
             raise ValueError("recaption.backend 'vllm' needs recaption.model (vLLM cannot build random weights)")
         if self.backend == "vllm" and self.textualize.enabled:
-            raise ValueError("recaption.textualize runs with backend 'transformers' only")
+            raise ValueError("recaption.textualize (Image Textualization: captioner, then an open-vocabulary detector, "
+                             "then a text LLM rewrite, per image) runs with backend 'transformers' only; the vllm "
+                             "backend writes the captioner's description alone")
+        t = self.textualize
+        for key, part in (("detector", t.detector), ("rewriter", t.rewriter)):
+            if not t.enabled:
+                break
+            if part.model is None and part.model_config_path is None:
+                raise ValueError(f"recaption.textualize.{key}.model is null (random weights) but "
+                                 f"recaption.textualize.{key}.model_config_path is not set")
+            if part.model_config_path and is_remote(part.model_config_path):
+                raise ValueError(f"recaption.textualize.{key}.model_config_path must be a local directory, got "
+                                 f"{part.model_config_path!r}")
         return self
 
     def random_weights(self) -> bool:
-        return self.model is None
+        """Some pass has random weights (the captioner, or in textualize mode the detector or rewriter)."""
+        t = self.textualize
+        return self.model is None or (t.enabled and (t.detector.model is None or t.rewriter.model is None))
 
     def name(self) -> str:
         if self.model_name:
@@ -101,18 +117,24 @@ class RecaptionConfig(StageResources):
     def template(self, style: str) -> str:
         if self.prompt is not None:
             return self.prompt
-        if self.textualize.enabled:
-            return DEFAULT_TEXTUALIZE_PROMPT
         return DEFAULT_CHAT_PROMPT if style == "chat" else ""
 
     def settings_key(self) -> str:
-        """What changes a caption (model, prompt, decoding, vision expert): the cache namespace."""
+        """What changes a caption (model, prompt, decoding; in textualize mode every pass: the
+        detector, the object words, the rewriter and its prompt): the cache namespace."""
         data = self.model_dump(mode="json", include={
             "backend", "model", "revision", "model_config_path", "prompt_style", "prompt", "system_prompt",
             "max_alt_text_chars", "max_prompt_tokens", "max_new_tokens", "min_new_tokens", "num_beams",
-            "do_sample", "temperature", "top_p", "repetition_penalty", "max_caption_chars", "textualize", "precision"})
-        if self.random_weights():  # random weights: the config file's content is the model
+            "do_sample", "temperature", "top_p", "repetition_penalty", "max_caption_chars", "precision"})
+        if self.model is None:  # random weights: the config file's content is the model
             data["model_config_digest"] = _dir_digest(self.model_config_path)
+        t = self.textualize
+        if t.enabled:  # off, its settings change nothing
+            data["textualize"] = t.model_dump(mode="json")
+            data["textualize"]["words"] = list(t.words())  # the built-in list may change between releases
+            for key, part in (("detector", t.detector), ("rewriter", t.rewriter)):
+                if part.model is None:
+                    data["textualize"][key]["model_config_digest"] = _dir_digest(part.model_config_path)
         data["seed"] = RANDOM_SEED
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -1,103 +1,164 @@
-"""The vision expert of Image Textualization mode (``recaption.textualize``): a torchvision COCO
-detector, or a transformers object detector saved at a path, listing objects with boxes and
-scores for the prompt (``prompts.describe_objects`` turns them into facts)."""
+"""Image Textualization's vision expert (Pi et al., 2024): an open-vocabulary detector that looks
+for each object the reference description names. The paper uses Grounding DINO; we load any
+transformers ``AutoModelForZeroShotObjectDetection`` whose processor takes per-image text queries
+(OWL-ViT, OWLv2; Grounding DINO through the same processor call), from an HF id, a local dir,
+``file://``, ``s3://``, or random weights built from a config dir (tests, dry run)."""
 
 from __future__ import annotations
 
-from typing import Literal
+import os
+from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from operators.models.common import seeded
-from operators.storage import StorageConfig, local_copy
+from operators.storage import StorageConfig
 
 
 class DetectorConfig(BaseModel):
-    """The vision expert of Image Textualization mode (``recaption.textualize``)."""
+    """Pass 2's detector (``recaption.textualize.detector``)."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    enabled: bool = Field(False, description="Image Textualization: a detector lists objects with boxes, sizes and "
-                                             "positions for the prompt")
-    backend: Literal["torchvision", "transformers"] = Field(
-        "torchvision", description="a torchvision COCO detector, or a transformers AutoModelForObjectDetection")
-    model: str = Field("fasterrcnn_resnet50_fpn_v2",
-                       description="torchvision detection model name, or a transformers detector's local dir / HF id")
-    weights: str | None = Field("DEFAULT", description="torchvision: a weights tag (downloads), a checkpoint path / "
-                                                       "file:// / s3://, or null = random weights")
-    score_threshold: float = Field(0.5, ge=0, le=1, description="detections below this confidence are not facts")
-    max_objects: int = Field(12, ge=1, description="facts listed per image, largest-scoring first")
-    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: the recaption stage's device")
+    model: str | None = Field("google/owlv2-base-patch16-ensemble",
+                              description="open-vocabulary detector (AutoModelForZeroShotObjectDetection: OWL-ViT, "
+                                          "OWLv2, Grounding DINO): HF id, local dir, file:// or s3:// prefix; null = "
+                                          "random weights from model_config_path")
+    revision: str | None = Field(None, description="HF revision (commit) of a hub detector: pins the cache key too")
+    model_config_path: str | None = Field(None, description="dir with the detector's transformers config + processor "
+                                                            "files (random weights: tests, dry run)")
+    score_threshold: float = Field(0.1, ge=0, le=1, description="a named object with no box at or above this score "
+                                                                "is not in the image (a hallucination)")
+    nms_iou: float = Field(0.5, gt=0, le=1, description="boxes of one object overlapping a higher-scoring one by "
+                                                        "more than this IoU are the same object")
+    micro_batch: int = Field(8, ge=1, description="images per detector call")
 
 
-class TorchvisionDetector:
-    """A torchvision COCO detector (``get_model(name)``); weights by tag, checkpoint or random."""
+@dataclass(frozen=True)
+class Detection:
+    """One box for one query: ``box`` is (x0, y0, x1, y1) in pixels."""
 
-    def __init__(self, cfg: DetectorConfig, storage: StorageConfig | None, device: str, cache_dir: str | None):
-        import torch
-        from torchvision.models import detection, get_model
+    query: str
+    score: float
+    box: tuple[float, float, float, float]
+
+
+class OpenVocabularyDetector:
+    """Boxes for per-image text queries; ``detect`` returns, per image, the detections at or above
+    ``score_threshold`` (duplicates of one query suppressed by IoU)."""
+
+    def __init__(self, cfg: DetectorConfig, storage: StorageConfig | None, device: str, dtype, cache_dir: str | None):
+        from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+
+        from operators.recaption.captioners import load_pretrained, load_processor
 
         self.cfg = cfg
         self.device = device
-        weights = cfg.weights
-
-        def build(**kw):
-            # The model's own score cut (R-CNNs: box_score_thresh; RetinaNet, FCOS, SSD: score_thresh)
-            # must not hide what score_threshold would keep.
-            for name in ("box_score_thresh", "score_thresh"):
-                try:
-                    return get_model(cfg.model, **kw, **{name: min(cfg.score_threshold, 0.05)})
-                except TypeError:
-                    continue
-            return get_model(cfg.model, **kw)
-
-        if weights is None or "://" in weights or weights.startswith(("/", ".")) or weights.endswith((".pt", ".pth")):
-            model = seeded(lambda: build(weights=None, weights_backbone=None, num_classes=91))
-            if weights is not None:
-                state = torch.load(local_copy(weights, storage, cache_dir), map_location="cpu", weights_only=True)
-                model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
-        else:  # a torchvision weights tag: downloads into torch's hub cache
-            model = build(weights=weights)
-        self.labels = list(detection.FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1.meta["categories"])
+        model, path = load_pretrained(AutoModelForZeroShotObjectDetection, cfg.model, cfg.model_config_path,
+                                      cfg.revision, storage, cache_dir, dtype)
         self.model = model.to(device).eval()
+        self.dtype = next(self.model.parameters()).dtype
+        self.processor = load_processor(AutoProcessor, path, cfg.revision)
+        self.grounding = "input_ids" in _params(self.processor.post_process_grounded_object_detection)
 
-    def detect(self, images: list) -> list[list[tuple[str, float, tuple]]]:
+    def detect(self, images: list, queries: list[list[str]]) -> list[list[Detection]]:
+        """Per image, the boxes found for its queries (an image without queries gets none)."""
         import torch
-        from torchvision.transforms.functional import pil_to_tensor
 
-        out = []
+        out: list[list[Detection]] = [[] for _ in images]
+        todo = [i for i, q in enumerate(queries) if q]
+        if not todo:
+            return out
+        ims, qs = [images[i] for i in todo], [list(queries[i]) for i in todo]
         with torch.inference_mode():
-            tensors = [pil_to_tensor(im).to(self.device).float().div_(255) for im in images]
-            for res in self.model(tensors):
-                keep = res["scores"] >= self.cfg.score_threshold
-                out.append([(self.labels[int(l)] if int(l) < len(self.labels) else str(int(l)), float(s),
-                             tuple(float(v) for v in b))
-                            for b, l, s in zip(res["boxes"][keep].cpu(), res["labels"][keep].cpu(),
-                                               res["scores"][keep].cpu())])
+            inputs = self.processor(images=ims, text=qs, return_tensors="pt", **self._text_kwargs())
+            inputs = {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
+                      for k, v in inputs.items() if hasattr(v, "to")}
+            outputs = self.model(**inputs)
+            sizes = [(im.height, im.width) for im in ims]
+            kw = {"threshold": self.cfg.score_threshold, "target_sizes": sizes}
+            if self.grounding:  # Grounding DINO: labels are the query phrases its tokens matched
+                kw.update(input_ids=inputs["input_ids"], text_threshold=self.cfg.score_threshold, text_labels=qs)
+            results = self.processor.post_process_grounded_object_detection(outputs, **kw)
+        for i, q, r in zip(todo, qs, results):
+            dets = []
+            for s, lab, b in zip(r["scores"].tolist(), _labels(r, q, self.grounding), r["boxes"].tolist()):
+                if lab is not None and b[2] > b[0] and b[3] > b[1]:  # a box without area proves nothing
+                    dets.append(Detection(lab, float(s), tuple(float(v) for v in b)))
+            out[i] = suppress(dets, self.cfg.nms_iou)
         return out
 
+    def _text_kwargs(self) -> dict:
+        tok = getattr(self.processor, "tokenizer", None)
+        limit = getattr(tok, "model_max_length", None)
+        if self.grounding or not limit or limit > 4096:
+            return {"padding": True, "truncation": True}
+        return {"padding": "max_length", "truncation": True, "max_length": limit}  # OWL-ViT: fixed 16 tokens
 
-class TransformersDetector:
-    """A transformers object detector (DETR, Conditional/Deformable DETR, RT-DETR...) from a dir or HF id."""
 
-    def __init__(self, cfg: DetectorConfig, storage: StorageConfig | None, device: str, cache_dir: str | None):
-        from transformers import AutoImageProcessor, AutoModelForObjectDetection
+def _params(fn) -> set[str]:
+    import inspect
 
-        path = local_copy(cfg.model, storage, cache_dir)
-        self.cfg = cfg
-        self.device = device
-        self.processor = AutoImageProcessor.from_pretrained(path)
-        self.model = AutoModelForObjectDetection.from_pretrained(path).to(device).eval()
-        self.id2label = self.model.config.id2label
+    return set(inspect.signature(fn).parameters)
 
-    def detect(self, images: list) -> list[list[tuple[str, float, tuple]]]:
-        import torch
 
-        with torch.inference_mode():
-            inputs = self.processor(images=images, return_tensors="pt").to(self.device)
-            outputs = self.model(**inputs)
-            sizes = torch.tensor([(im.height, im.width) for im in images], device=self.device)
-            results = self.processor.post_process_object_detection(outputs, threshold=self.cfg.score_threshold,
-                                                                   target_sizes=sizes)
-        return [[(self.id2label.get(int(l), str(int(l))), float(s), tuple(float(v) for v in b))
-                 for s, l, b in zip(r["scores"].cpu(), r["labels"].cpu(), r["boxes"].cpu())] for r in results]
+def _labels(result: dict, queries: list[str], grounding: bool) -> list[str | None]:
+    """The query each box answers. OWL-ViT gives query indices (queries are padded to the batch's
+    longest list: a padded index answers nothing); Grounding DINO gives the phrase its matched
+    tokens decode to, mapped to the query equal to it or else the first containing it."""
+    if grounding:
+        out = []
+        for t in result["text_labels"]:
+            t = " ".join(str(t).split())
+            out.append(t if t in queries else next((q for q in queries if t and t in q), None))
+        return out
+    return [queries[int(x)] if 0 <= int(x) < len(queries) else None for x in result["labels"].tolist()]
+
+
+def _iou(a: tuple, b: tuple) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def suppress(dets: list[Detection], iou: float) -> list[Detection]:
+    """Per query, highest score first, boxes overlapping a kept one by more than ``iou`` dropped."""
+    kept: list[Detection] = []
+    for d in sorted(dets, key=lambda d: -d.score):
+        if all(k.query != d.query or _iou(k.box, d.box) <= iou for k in kept):
+            kept.append(d)
+    return kept
+
+
+# --- tiny model (tests, dry run) -----------------------------------------------------------------------
+def write_tiny_detector(path: str, weights: bool = False, image_size: int = 64, hidden: int = 32,
+                        layers: int = 2) -> str:
+    """An OWL-ViT-shaped open-vocabulary detector: config + processor files (and seeded random
+    weights when ``weights``). Its tokenizer is CLIP's byte-level BPE with no merges (one token per
+    character, 16 tokens a query as OWL-ViT's). Random weights box things at random."""
+    from transformers import CLIPTokenizer, OwlViTConfig, OwlViTForObjectDetection, OwlViTImageProcessor, OwlViTProcessor
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from operators.models.common import seeded
+
+    chars = sorted(set(bytes_to_unicode().values()))
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
+    text = {"vocab_size": len(vocab), "hidden_size": hidden, "intermediate_size": 2 * hidden,
+            "num_hidden_layers": layers, "num_attention_heads": 2, "max_position_embeddings": 16,
+            "bos_token_id": vocab["<|startoftext|>"], "eos_token_id": vocab["<|endoftext|>"],
+            "pad_token_id": vocab["<|endoftext|>"]}
+    vision = {"hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": layers,
+              "num_attention_heads": 2, "image_size": image_size, "patch_size": 16}
+    cfg = OwlViTConfig(text_config=text, vision_config=vision, projection_dim=hidden)
+    size = {"height": image_size, "width": image_size}
+    os.makedirs(path, exist_ok=True)
+    OwlViTProcessor(image_processor=OwlViTImageProcessor(size=size, crop_size=size), tokenizer=tok).save_pretrained(path)
+    if weights:
+        seeded(lambda: OwlViTForObjectDetection(cfg)).save_pretrained(path)
+    else:
+        cfg.save_pretrained(path)
+    return path

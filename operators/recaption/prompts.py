@@ -1,6 +1,6 @@
 """What goes into a recaption prompt and what comes out of it: alt-text cleaning, templates and
-their rendering, the per-image part of the cache key, Image Textualization's object facts,
-chat messages, and the caption as written."""
+their rendering, the per-image part of the cache key, Image Textualization's object facts and
+rewrite prompt (Pi et al., 2024), chat messages, and the caption as written."""
 
 from __future__ import annotations
 
@@ -10,13 +10,19 @@ import unicodedata
 
 SOURCE_PREFIX = "recaption:"
 DEFAULT_CHAT_PROMPT = "Describe this image in one detailed paragraph. Mention only what is visible."
-DEFAULT_TEXTUALIZE_PROMPT = (
-    "Write one detailed caption for this image.\n"
-    "The web page's alt-text for it was: \"{alt_text}\".\n"
-    "An object detector found:\n{facts}\n"
-    "Use the alt-text and the detections only where the image agrees with them; name only what is "
-    "actually there. Reply with the caption only."
+# Image Textualization's pass 3 (the rewrite), after the paper's recaptioning prompt: keep the
+# reference's wording, place the verified objects, delete the hallucinations, add nothing else.
+DEFAULT_REWRITE_PROMPT = (
+    "Make this image description accurate and detailed.\n"
+    "Description: {reference}\n"
+    "{evidence}\n"
+    "Keep what the description says about objects that are there, say where they are and how large they "
+    "look in words (no numbers), delete every hallucination and whatever is said only about it, and add "
+    "nothing else. Reply with the new description only."
 )
+VERIFIED_HEADER = ("Objects a detector verified in the image (confidence, position, share of the image, box "
+                   "[x0, y0, x1, y1] with 0-1 coordinates from the top left):")
+HALLUCINATION_HEADER = "Hallucinations (named in the description, not found in the image): "
 
 
 # --- prompts ------------------------------------------------------------------------------------
@@ -53,19 +59,37 @@ def alt_text_of(captions: list | None, sources: list | None) -> str:
     return ""
 
 
-_FIELD = re.compile(r"\{(alt_text|facts)\}")
+_FIELD = re.compile(r"\{(alt_text)\}")
+_REWRITE_FIELD = re.compile(r"\{(reference|evidence)\}")
 
 
-def render_prompt(template: str, alt_text: str, facts: str) -> str:
-    """Fill ``{alt_text}`` and ``{facts}`` in one pass over the template: braces (or a
-    ``{facts}``) inside the alt-text are just text."""
-    values = {"alt_text": alt_text or "(none)", "facts": facts or "(nothing detected)"}
-    return _FIELD.sub(lambda m: values[m.group(1)], template)
+def render_prompt(template: str, alt_text: str) -> str:
+    """Fill ``{alt_text}`` in one pass over the template: braces inside the alt-text are just text."""
+    return _FIELD.sub(lambda m: alt_text or "(none)", template)
+
+
+def evidence_text(facts_text: str, removed: list[str]) -> str:
+    """Pass 2's findings for the rewrite prompt: the verified objects' fact lines, then the
+    hallucinations. A part with nothing in it is left out (the model is never told that nothing
+    was found: an empty list is no evidence of an empty image)."""
+    parts = []
+    if facts_text:
+        parts.append(f"{VERIFIED_HEADER}\n{facts_text}")
+    if removed:
+        parts.append(HALLUCINATION_HEADER + "; ".join(removed))
+    return "\n".join(parts)
+
+
+def render_rewrite(template: str, reference: str, facts_text: str, removed: list[str]) -> str:
+    """The rewrite prompt: ``{reference}`` and ``{evidence}`` filled in one pass (braces in the
+    reference are text)."""
+    values = {"reference": reference, "evidence": evidence_text(facts_text, removed)}
+    return _REWRITE_FIELD.sub(lambda m: values[m.group(1)], template)
 
 
 def prompt_inputs_digest(template: str, alt_text: str) -> str:
-    """The per-image part of the cache key: what of the row goes into the prompt (the facts are a
-    function of the image and the detector settings, already in the key)."""
+    """The per-image part of the cache key: what of the row goes into the prompt (Image
+    Textualization's facts are a function of the image and of settings already in the key)."""
     if "{alt_text}" not in template:
         return "-"
     return hashlib.sha256(alt_text.encode()).hexdigest()[:12]

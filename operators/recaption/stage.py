@@ -11,7 +11,6 @@ recaption among them, kept or not.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from typing import ClassVar
 
@@ -24,9 +23,11 @@ from operators.models.common import decode_all, resolve_device
 from operators.recaption.cache import RecaptionCache
 from operators.recaption.captioners import TransformersCaptioner
 from operators.recaption.config import RecaptionConfig
-from operators.recaption.detectors import TorchvisionDetector, TransformersDetector
-from operators.recaption.prompts import (SOURCE_PREFIX, alt_text_of, clean_alt_text, describe_objects,
-                                        prompt_inputs_digest, render_prompt)
+from operators.recaption.captioners import _dtype
+from operators.recaption.detectors import OpenVocabularyDetector
+from operators.recaption.prompts import (SOURCE_PREFIX, alt_text_of, clean_alt_text, prompt_inputs_digest,
+                                        render_prompt, render_rewrite)
+from operators.recaption.textualize import queries_for, verify
 from operators.storage import StorageConfig
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,17 @@ def with_recaption(captions: list | None, sources: list | None, recaption: str |
 
 
 
+# Image Textualization's facts: one per box the detector kept (``prompts.describe_objects``), and
+# whether the reference named the object (else it was an extra query).
+FACT_TYPE = pa.struct([("label", pa.string()), ("score", pa.float64()), ("box", pa.list_(pa.float64())),
+                       ("area", pa.float64()), ("where", pa.string()), ("mentioned", pa.bool_())])
 OUTPUT_TYPES = {"recaption": pa.string(), "recaption_model": pa.string(), "recaption_cached": pa.bool_(),
-                "recaption_tokens": pa.int32(), "recaption_facts": pa.string(), "recaption_error": pa.string()}
+                "recaption_tokens": pa.int32(), "recaption_reference": pa.string(),
+                "recaption_facts": pa.list_(FACT_TYPE), "recaption_removed": pa.list_(pa.string()),
+                "recaption_error": pa.string()}
+# What a cache entry keeps of a row (column -> entry key).
+CACHED = {"recaption": "recaption", "recaption_tokens": "tokens", "recaption_reference": "reference",
+          "recaption_facts": "facts", "recaption_removed": "removed"}
 CAPTION_TYPES = {"captions": pa.list_(pa.string()), "caption_sources": pa.list_(pa.string())}
 
 
@@ -88,8 +98,8 @@ class _RecaptionStep(Operator):
 
     @classmethod
     def columns(cls, config: RecaptionConfig | None = None) -> Columns:
-        """The same with every config: the six ``recaption*`` columns, and ``captions`` /
-        ``caption_sources`` rewritten with the recaption appended."""
+        """The same with every config: the eight ``recaption*`` columns (the textualize ones null
+        when it is off), and ``captions`` / ``caption_sources`` rewritten with the recaption appended."""
         return Columns(cls.reads, {**OUTPUT_TYPES, **CAPTION_TYPES}, optional=("caption_sources", "sha256"))
 
     def _rows(self, rows: pa.Table) -> dict:
@@ -125,9 +135,8 @@ class _RecaptionStep(Operator):
             if entry is None:
                 todo.append(k)
                 continue
-            cols["recaption"][k] = entry.get("recaption")
-            cols["recaption_tokens"][k] = entry.get("tokens")
-            cols["recaption_facts"][k] = entry.get("facts")
+            for column, key in CACHED.items():
+                cols[column][k] = entry.get(key)
             cols["recaption_cached"][k] = True
             cols["recaption_model"][k] = self.model_name
         return todo
@@ -136,9 +145,8 @@ class _RecaptionStep(Operator):
         if not self.cache:
             return
         cols = r["cols"]
-        self.cache.put_many({r["keys"][k]: {"recaption": cols["recaption"][k], "tokens": cols["recaption_tokens"][k],
-                                            "facts": cols["recaption_facts"][k], "model": self.model_name}
-                             for k in rows if k in r["keys"]})
+        self.cache.put_many({r["keys"][k]: {**{key: cols[column][k] for column, key in CACHED.items()},
+                                            "model": self.model_name} for k in rows if k in r["keys"]})
 
     def _scored(self, r: dict, outcomes: list | None) -> Scored:
         """The columns of the kept rows; each recaption appended to ``captions`` with its source (once)."""
@@ -159,10 +167,18 @@ class _KeptRowsRecaption(_RecaptionStep, KeptRowsStage):
 
 class Recaptioner(_KeptRowsRecaption):
     """Writes ``recaption``, ``recaption_model``, ``recaption_cached``, ``recaption_tokens``,
-    ``recaption_facts`` (Image Textualization's detections, JSON), ``recaption_error`` and appends
-    the recaption to ``captions`` / ``caption_sources``. Rows that are not kept get nulls and no
-    compute; cached rows get the cached caption and no compute. A generation that fails leaves
-    the sample kept with its alt-texts, a null recaption and the error in ``recaption_error``."""
+    ``recaption_error`` and appends the recaption to ``captions`` / ``caption_sources``. Rows that
+    are not kept get nulls and no compute; cached rows get the cached caption and no compute. A
+    generation that fails leaves the sample kept with its alt-texts, a null recaption and the error
+    in ``recaption_error``.
+
+    Image Textualization mode (``recaption.textualize``; Pi et al., 2024) runs the paper's three
+    passes per image: the captioner's reference description (``recaption_reference``), the
+    open-vocabulary detector's check of every object it names (``recaption_facts``: the boxes
+    found; ``recaption_removed``: the named objects not found, hallucinations), and the text-only
+    rewriter's description from those facts (``recaption``). Where the detector or the rewriter
+    fails on an image, its recaption is the reference, with the reason in ``recaption_error``
+    (not cached: a rerun tries again)."""
 
     def __init__(self, config: RecaptionConfig | dict | None = None, storage: StorageConfig | dict | None = None,
                  cache_root: str | None = None):
@@ -171,26 +187,29 @@ class Recaptioner(_KeptRowsRecaption):
             raise ValueError("Recaptioner runs the transformers backend; the vllm backend is ray.data.llm's processor "
                              "(operators.recaption.vllm.apply_vllm_recaption)")
         self._captioner = None
+        self._detector = self._rewriter = None
         self.generated = 0  # captions generated by this instance (tests, benchmarks)
+        self.detected = 0  # images the detector checked
+        self.rewritten = 0  # rewrites generated
 
     def _load_models(self) -> None:
-        """The captioner (and detector), once, when a batch first has rows to generate: an actor
-        whose rows all come from the cache loads no model (hence not ``setup``)."""
+        """The captioner (and in textualize mode the detector and the rewriter), once, when a batch
+        first has rows to generate: an actor whose rows all come from the cache loads no model
+        (hence not ``setup``)."""
         if self._captioner is not None:
             return
         c = self.config
         self.device = resolve_device(c.device)
         self._captioner = TransformersCaptioner(c, self.storage, self.device)
         self.template = c.template(self._captioner.style)
-        self._detector = None
         if c.textualize.enabled:
-            d = c.textualize
-            ddev = self.device if d.device == "auto" else d.device
-            cls = TorchvisionDetector if d.backend == "torchvision" else TransformersDetector
-            self._detector = cls(d, self.storage, ddev, c.cache_dir)
+            from operators.recaption.rewriters import TextRewriter
+
+            self._detector = OpenVocabularyDetector(c.textualize.detector, self.storage, self.device,
+                                                    _dtype(c.precision, self.device), c.cache_dir)
+            self._rewriter = TextRewriter(c, self.storage, self.device)
 
     def score(self, rows: pa.Table) -> Scored:
-        c = self.config
         r = self._rows(rows)
         cols = r["cols"]
         outcomes: list = [None] * r["n"]
@@ -205,19 +224,7 @@ class Recaptioner(_KeptRowsRecaption):
                 outcomes[k] = failure
         if ok_rows:
             self._load_models()
-            facts_text = [""] * len(ok_rows)
-            det_error = None
-            if self._detector is not None:
-                try:
-                    dets = self._detector.detect(images)
-                except Exception as exc:  # noqa: BLE001 - the caption is still written, without facts
-                    log.warning("recaption: the detector failed on a batch: %s", exc)
-                    det_error = f"detector: {type(exc).__name__}: {str(exc)[:300]}"
-                    dets = [[] for _ in images]
-                for j, (im, d) in enumerate(zip(images, dets)):
-                    facts_text[j], objs = describe_objects(d, im.width, im.height, c.textualize.max_objects)
-                    cols["recaption_facts"][ok_rows[j]] = None if det_error else json.dumps(objs)
-            prompts = [render_prompt(self.template, r["alts"][k], facts_text[j]) for j, k in enumerate(ok_rows)]
+            prompts = [render_prompt(self.template, r["alts"][k]) for k in ok_rows]
             results = self._captioner.generate(images, prompts)
             self.generated += len(results)
             for k, (text, n_tok, error) in zip(ok_rows, results):
@@ -225,10 +232,65 @@ class Recaptioner(_KeptRowsRecaption):
                 cols["recaption_tokens"][k] = n_tok
                 cols["recaption_cached"][k] = False
                 cols["recaption_model"][k] = self.model_name
-                cols["recaption_error"][k] = error or det_error
-            # A failed generation (or detection) is not cached: a rerun tries again.
+                cols["recaption_error"][k] = error
+            if self._detector is not None:
+                self._textualize(images, ok_rows, cols)
+            # A failed generation (or detection, or rewrite) is not cached: a rerun tries again.
             self._store(r, [k for k in ok_rows if cols["recaption_error"][k] is None])
         return self._scored(r, outcomes)
+
+    def _textualize(self, images: list, ok_rows: list[int], cols: dict) -> None:
+        """Passes 2 and 3 over the rows whose reference (pass 1) was written."""
+        t = self.config.textualize
+        picked = [(im, k) for im, k in zip(images, ok_rows) if cols["recaption"][k]]
+        if not picked:
+            return
+        named, queries = zip(*(queries_for(cols["recaption"][k], t) for _, k in picked))
+        found, errors = self._detect([im for im, _ in picked], list(queries))
+        rewrite = []  # (row, prompt)
+        for (im, k), names, dets, error in zip(picked, named, found, errors):
+            reference = cols["recaption_reference"][k] = cols["recaption"][k]
+            if error:
+                cols["recaption_error"][k] = f"textualize: detector failed ({error}); the reference is kept"
+                continue
+            v = verify(list(names), dets, im.width, im.height, t)
+            cols["recaption_facts"][k], cols["recaption_removed"][k] = v.facts, v.removed
+            if v.changes_anything():
+                rewrite.append((k, render_rewrite(t.rewriter.template(), reference, v.facts_text, v.removed)))
+        if not rewrite:
+            return
+        results = self._rewriter.generate([p for _, p in rewrite])
+        self.rewritten += len(results)
+        for (k, _), (text, n_tok, error) in zip(rewrite, results):
+            if text:
+                cols["recaption"][k], cols["recaption_tokens"][k] = text, n_tok
+            else:
+                why = error or "it wrote nothing"
+                cols["recaption_error"][k] = f"textualize: rewrite failed ({why}); the reference is kept"
+
+    def _detect(self, images: list, queries: list[list[str]]) -> tuple[list[list], list[str | None]]:
+        """Detections and an error (or None) per image, in micro-batches; a micro-batch that
+        fails is retried image by image, so one bad image costs only its own check."""
+        mb = self.config.textualize.detector.micro_batch
+        found: list[list] = [[] for _ in images]
+        errors: list[str | None] = [None] * len(images)
+        for s in range(0, len(images), mb):
+            span = list(range(s, min(s + mb, len(images))))
+            try:
+                out = self._detector.detect([images[i] for i in span], [queries[i] for i in span])
+            except Exception:  # noqa: BLE001 - retried one by one below
+                out = None
+            for n, i in enumerate(span):
+                if out is not None:
+                    found[i] = out[n]
+                    continue
+                try:
+                    found[i] = self._detector.detect([images[i]], [queries[i]])[0]
+                except Exception as exc:  # noqa: BLE001 - recorded on the row, its reference is kept
+                    log.warning("recaption: the detector failed on one image: %s", exc)
+                    errors[i] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            self.detected += len(span)
+        return found, errors
 
 
 class RecaptionCacheLookup(_KeptRowsRecaption):
@@ -260,7 +322,10 @@ class RecaptionCacheStore(_RecaptionStep):
 
 
 def model_report(cfg: RecaptionConfig) -> dict:
-    return {"model": cfg.name(), "pretrained": cfg.model, "revision": cfg.revision, "backend": cfg.backend,
-            "random_weights": cfg.random_weights(), "textualize": cfg.textualize.enabled,
-            "detector": cfg.textualize.model if cfg.textualize.enabled else None,
-            "settings_key": cfg.settings_key()}
+    t = cfg.textualize
+    out = {"model": cfg.name(), "pretrained": cfg.model, "revision": cfg.revision, "backend": cfg.backend,
+           "random_weights": cfg.random_weights(), "textualize": t.enabled, "settings_key": cfg.settings_key()}
+    if t.enabled:
+        out["detector"] = t.detector.model or f"random weights from {t.detector.model_config_path}"
+        out["rewriter"] = t.rewriter.model or f"random weights from {t.rewriter.model_config_path}"
+    return out

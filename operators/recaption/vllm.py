@@ -1,6 +1,8 @@
 """The vLLM backend (``recaption.backend: vllm``): ``ray.data.llm``'s vLLM processor with its
 multimodal stage, between the cache lookup and store steps. It needs a GPU and ``pip install
-'imgcurate[vllm]'``; everything here but the processor itself runs without one."""
+'imgcurate[vllm]'``; everything here but the processor itself runs without one. It writes the
+captioner's description only: config validation refuses ``recaption.textualize`` with it (Image
+Textualization's detector and rewriter passes run in the transformers backend)."""
 
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ def vllm_preprocess(row: dict, cfg: RecaptionConfig) -> dict:
         return {**row, "messages": [{"role": "user", "content": [{"type": "text", "text": "."}]}],
                 "sampling_params": {"max_tokens": 1, "temperature": 0.0}, "recaption_skip": True}
     alt = clean_alt_text(alt_text_of(row.get("captions"), row.get("caption_sources")), cfg.max_alt_text_chars)
-    prompt = render_prompt(cfg.template("chat"), alt, "")
+    prompt = render_prompt(cfg.template("chat"), alt)
     msgs = chat_messages(prompt, cfg.system_prompt, image_data_url(row["image"], cfg.vllm.image_format))
     return {**row, "messages": msgs, "sampling_params": vllm_sampling_params(cfg), "recaption_skip": False}
 
@@ -75,7 +77,8 @@ def vllm_postprocess(row: dict, cfg: RecaptionConfig) -> dict:
     error = row.get("__inference_error__")  # should_continue_on_error: the engine's error for this row
     text = "" if error else clean_caption(row.get("generated_text") or "", cfg.max_caption_chars)
     name = cfg.name()
-    out.update(recaption=text or None, recaption_model=name, recaption_cached=False, recaption_facts=None,
+    out.update(recaption=text or None, recaption_model=name, recaption_cached=False, recaption_reference=None,
+               recaption_facts=None, recaption_removed=None,
                recaption_tokens=int(row.get("num_generated_tokens") or 0),
                recaption_error=str(error)[:300] if error else None)
     if text:
