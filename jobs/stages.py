@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable
 from pydantic import BaseModel
 
 from operators.base import Columns, DropReason, Operator, Resources
-from operators.clip import ClipConfig, ClipEmbedder
+from operators.clip import ClipConfig, ClipEmbedder, calibration_warning
 from operators.clip import model_report as clip_report
 from operators.download import DownloadConfig, HttpDownloader
 from operators.images import ImageConfig, ImageProcessor
@@ -58,8 +58,11 @@ class Stage:
     drops; ``operator``: the class that runs it (None for phase-2 steps run by jobs/select.py, which
     declare ``reads``/``reasons`` here); ``kwargs``: extra constructor arguments from the job
     config; ``report``: what the manifest says about its models; ``requires``: cross-section
-    errors (``(key, message)``) beyond the column chain; ``local_files``: config keys holding local
-    paths to make absolute (workers may run elsewhere)."""
+    errors (``(key, message)``) beyond the column chain; ``warnings``: cross-section doubts that do
+    not stop a run (``(key, message)``, e.g. a CLIP threshold on weights it was not calibrated for);
+    ``context``: other sections the operator's ``columns`` and ``resources`` depend on, as keywords
+    (safety reads the CLIP stage's embeddings only when it runs the same model); ``local_files``:
+    config keys holding local paths to make absolute (workers may run elsewhere)."""
 
     section: str
     config: type[BaseModel]
@@ -68,6 +71,8 @@ class Stage:
     kwargs: Callable[["JobConfig"], dict] = _no_kwargs
     report: Callable[["JobConfig"], dict] | None = None
     requires: Callable[["JobConfig"], list[tuple[str, str]]] = _nothing
+    warnings: Callable[["JobConfig"], list[tuple[str, str]]] = _nothing
+    context: Callable[["JobConfig"], dict] = _no_kwargs
     local_files: Callable[["JobConfig"], list[str]] = _nothing
     reads: Callable[["JobConfig"], tuple[str, ...]] | None = None
     reasons: tuple[DropReason, ...] = ()
@@ -87,7 +92,7 @@ class Stage:
     def columns(self, cfg: "JobConfig") -> Columns:
         if self.operator is None:
             return Columns(self.reads(cfg) if self.reads else (), {})
-        return self.operator.columns(self.stage_config(cfg))
+        return self.operator.columns(self.stage_config(cfg), **self.context(cfg))
 
     def drop_reasons(self, cfg: "JobConfig | None" = None) -> tuple[DropReason, ...]:
         if self.operator is None:
@@ -100,7 +105,9 @@ class Stage:
 
     def resources(self, cfg: "JobConfig") -> Resources | None:
         op = self.operator
-        return op.resources(self.stage_config(cfg)) if op is not None and hasattr(op, "resources") else None
+        if op is None or not hasattr(op, "resources"):
+            return None
+        return op.resources(self.stage_config(cfg), **self.context(cfg))
 
 
 def recaption_cache_root(cfg: "JobConfig") -> str:
@@ -113,16 +120,29 @@ def _clip_files(cfg) -> list[str]:
     return ["clip.model_config_path"] if cfg.clip.model_config_path else []
 
 
+def _clip_warnings(cfg) -> list[tuple[str, str]]:
+    warning = calibration_warning(cfg.clip)
+    return [("clip.min_score", warning)] if warning else []
+
+
+def _with_clip(cfg) -> dict:
+    return {"clip": cfg.clip}
+
+
 def _safety_requires(cfg) -> list[tuple[str, str]]:
-    s = cfg.safety
-    if s.rigid and s.rigid.encoder is None and not cfg.clip.enabled:
+    r = cfg.safety.rigid
+    if r and r.backbone == "open_clip" and r.encoder is None and not cfg.clip.enabled:
         return [("safety.rigid.encoder", "null needs clip.enabled (or give an encoder)")]
     return []
 
 
 def _safety_files(cfg) -> list[str]:
-    r = cfg.safety.rigid
-    return ["safety.rigid.encoder.model_config_path"] if r and r.encoder and r.encoder.model_config_path else []
+    s = cfg.safety
+    keys = ["safety.embedder.model_config_path"] if s.embedding_heads() and s.embedder.model_config_path else []
+    r = s.rigid
+    if r and r.backbone == "open_clip" and r.encoder and r.encoder.model_config_path:
+        keys.append("safety.rigid.encoder.model_config_path")
+    return keys
 
 
 def _reward_requires(cfg) -> list[tuple[str, str]]:
@@ -165,8 +185,10 @@ STAGES: tuple[Stage, ...] = (
     Stage("download", DownloadConfig, HttpDownloader, DOWNLOAD_ACTOR, always=True),
     Stage("images", ImageConfig, ImageProcessor, DOWNLOAD_ACTOR, always=True),
     Stage("clip", ClipConfig, ClipEmbedder, ACTOR_POOL, report=lambda cfg: {"clip": clip_report(cfg.clip)},
-          local_files=_clip_files, writer_hint="clip.enabled: true (embeddings also need clip.write_embeddings)"),
-    Stage("safety", SafetyConfig, SafetyScorer, ACTOR_POOL, kwargs=lambda cfg: {"clip": cfg.clip},
+          warnings=_clip_warnings, local_files=_clip_files,
+          writer_hint="clip.enabled: true (embeddings also need clip.write_embeddings)"),
+    # The safety stage reuses the CLIP stage's embeddings only when that runs safety.embedder's model.
+    Stage("safety", SafetyConfig, SafetyScorer, ACTOR_POOL, kwargs=_with_clip, context=_with_clip,
           report=_safety_models, requires=_safety_requires, local_files=_safety_files,
           writer_hint="safety.enabled: true with the head configured"),
     # Recaptioning runs after the filters (only kept samples cost generation) and before the reward
@@ -212,6 +234,11 @@ def config_errors(cfg: "JobConfig") -> list[tuple[str, str]]:
     column chain. Each is (key, message)."""
     errors = [e for s in enabled_stages(cfg) for e in s.requires(cfg)]
     return errors + chain_errors(cfg)
+
+
+def config_warnings(cfg: "JobConfig") -> list[tuple[str, str]]:
+    """The enabled stages' doubts about a valid config ((key, message)); the job logs them, validate prints them."""
+    return [w for s in enabled_stages(cfg) for w in s.warnings(cfg)]
 
 
 def chain_errors(cfg: "JobConfig") -> list[tuple[str, str]]:
@@ -260,6 +287,9 @@ def describe(cfg: "JobConfig", plan=None) -> str:
                                                        f" ({m.get('pretrained')})") for k, m in mine.items())
         reads = ", ".join(cols.reads) + (f" [optional: {', '.join(cols.optional)}]" if cols.optional else "")
         rows.append((s.section, where, reads, ", ".join(cols.writes), model))
+    warnings: dict[str, list[str]] = {}
+    for key, msg in config_warnings(cfg):
+        warnings.setdefault(key.split(".")[0], []).append(f"{key}: {msg}")
     out = []
     for name, where, reads, writes, model in rows:
         out.append(f"{name}  [{where}]")
@@ -267,6 +297,7 @@ def describe(cfg: "JobConfig", plan=None) -> str:
         out.append(f"    writes: {writes or '-'}")
         if model:
             out.append(f"    model:  {model}")
+        out.extend(f"    WARNING: {w}" for w in warnings.get(name, []))
     return "\n".join(out)
 
 

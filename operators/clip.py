@@ -1,9 +1,13 @@
 """ClipEmbedder: open_clip image and text embeddings and the image-text cosine ``clip_score``.
 
-Methods: LAION-5B (Schuhmann et al., 2022) keeps pairs whose ViT-B/32 image-text cosine is at
-least 0.28 (English); DataComp (Gadre et al., 2023) keeps the top 30% by CLIP score. This
-operator computes the scores (every caption of a sample, and the maximum) and applies the
-absolute threshold; the global top fraction is a phase-2 step over the whole run.
+Methods: LAION-5B (Schuhmann et al., 2022) keeps pairs whose OpenAI CLIP ViT-B/32 image-text
+cosine is at least 0.28 (English; 0.26 for other languages with multilingual CLIP), LAION-400M
+(Schuhmann et al., 2021) at least 0.3 with the same model; DataComp (Gadre et al., 2023) keeps
+the top 30% by OpenAI ViT-L/14 score (a fraction, no threshold). This operator computes the
+scores (every caption of a sample, and the maximum) and applies the absolute threshold; the
+global top fraction is a phase-2 step over the whole run. A threshold is only meaningful for
+the weights it was calibrated on (cosine scales differ between CLIP models):
+``calibration_warning`` says when ``min_score`` is set for other weights.
 
 The model is named by a spec: an open_clip model name plus a pretrained tag, an
 ``hf-hub:`` id, or a checkpoint at a local path, ``file://`` or ``s3://``. With
@@ -42,14 +46,19 @@ class ClipConfig(StageResources):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     enabled: bool = Field(False, description="run the CLIP stage (image-text cosine of every caption)")
-    model: str = Field("ViT-B-32", description="open_clip model name, or hf-hub:ORG/NAME")
-    pretrained: str | None = Field("laion2b_s34b_b79k",
-                                   description="pretrained tag, checkpoint path / file:// / s3://, or null = random")
+    model: str = Field("ViT-B-32", description=(
+        "open_clip model name, or hf-hub:ORG/NAME (LAION's 0.28 filter: ViT-B-32-quickgelu with pretrained "
+        "openai; open_clip 3's ViT-B-32 uses GELU, not OpenAI's QuickGELU)"))
+    pretrained: str | None = Field("laion2b_s34b_b79k", description=(
+        "pretrained tag, checkpoint path / file:// / s3://, or null = random; the default laion2b_s34b_b79k "
+        "has no calibrated min_score (LAION's 0.28 is for OpenAI's ViT-B/32)"))
     model_config_path: str | None = Field(None, description="JSON of a custom open_clip architecture to register")
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when the actor has a GPU, else CPU")
     precision: Literal["auto", "fp16", "bf16", "fp32"] = Field("auto", description="auto: fp16 on CUDA, fp32 on CPU")
     decode: Literal["auto", "gpu", "cpu"] = Field("auto", description="auto: nvJPEG on CUDA, Pillow on CPU")
-    min_score: float | None = Field(None, ge=-1, le=1, description="drop below this cosine (LAION: 0.28, ViT-B/32)")
+    min_score: float | None = Field(None, ge=-1, le=1, description=(
+        "drop below this cosine; calibrated only for OpenAI ViT-B/32 (LAION-5B: 0.28, LAION-400M: 0.3); "
+        "other weights log a warning"))
     write_embeddings: bool = Field(True, description="write clip_image_embedding / clip_text_embedding "
                                                         "(float16, fixed size)")
     cache_dir: str | None = Field(None, description="where s3:// checkpoints are copied (default: a temp dir)")
@@ -64,6 +73,38 @@ def threshold_reason(min_score: float) -> str:
     return CLIP_BELOW.format(min_score=min_score)
 
 
+# Published CLIP-score filters: (model, pretrained) as open_clip names them -> {threshold: where}.
+# DataComp (Gadre et al., 2023) ranks by OpenAI ViT-L/14 score and keeps a fraction (top 30%),
+# which is selection.clip_top_fraction here, not a threshold.
+CALIBRATIONS: dict[tuple[str, str], dict[float, str]] = {
+    ("ViT-B-32-quickgelu", "openai"): {0.28: "LAION-5B, English (Schuhmann et al., 2022)",
+                                       0.3: "LAION-400M (Schuhmann et al., 2021)"},
+}
+
+
+def calibration_warning(cfg: ClipConfig) -> str | None:
+    """Why ``clip.min_score`` is not a published calibration for these weights, or None when it is
+    (or when no threshold is set). LAION's thresholds hold for OpenAI's ViT-B/32 only."""
+    t = cfg.min_score
+    if t is None:
+        return None
+    key = (cfg.model, cfg.pretrained)
+    if key == ("ViT-B-32", "openai"):
+        return (f"clip.min_score {t:g} with clip.model ViT-B-32 and pretrained openai: open_clip builds ViT-B-32 with "
+                "GELU but OpenAI's weights, on which LAION calibrated 0.28, use QuickGELU; set clip.model: "
+                "ViT-B-32-quickgelu")
+    known = CALIBRATIONS.get(key)
+    if known is not None:
+        if any(abs(t - v) < 1e-9 for v in known):
+            return None
+        published = "; ".join(f"{v:g}: {where}" for v, where in known.items())
+        return f"clip.min_score {t:g} is not a published threshold for {cfg.model}/{cfg.pretrained} ({published})"
+    return (f"clip.min_score {t:g} with {cfg.model}/{cfg.pretrained}: no published threshold is calibrated for these "
+            "weights (LAION's 0.28 is for OpenAI ViT-B/32: clip.model ViT-B-32-quickgelu, pretrained openai; cosine "
+            "scales differ between CLIP models); DataComp ranks instead and keeps a fraction "
+            "(selection.clip_top_fraction)")
+
+
 class ClipEmbedder(KeptRowsStage):
     """Writes ``clip_image_embedding``, ``clip_text_embedding`` (best caption), ``clip_scores``, ``clip_score``."""
 
@@ -76,6 +117,9 @@ class ClipEmbedder(KeptRowsStage):
         self.config = config if isinstance(config, ClipConfig) else ClipConfig(**(config or {}))
         self.storage = storage if isinstance(storage, StorageConfig) or storage is None else StorageConfig(**storage)
         self.model: ClipModel | None = None
+        warning = calibration_warning(self.config)
+        if warning:
+            log.warning("%s", warning)
 
     @classmethod
     def resources(cls, config: ClipConfig) -> Resources:

@@ -7,18 +7,23 @@ watermark probability ``pwatermark``, and LAION-Aesthetics an ``aesthetic`` scor
   (AutoKeras, ported to PyTorch in that repo's ``src/models.py``): a Keras ``Normalization``
   (mean/variance buffers), then ``linear_1..linear_k`` with ReLU and a sigmoid out. ViT-L/14:
   768 -> 64 -> 512 -> 256 -> 1; ViT-B/32: 512 -> 32 -> 32 -> 1. Module names are kept, so the
-  released ``clip_ViT-L-14_openai_binary_nsfw_head.pth`` loads as is.
+  released ``models/clip_ViT-L-14_openai_binary_nsfw_head.pth`` and
+  ``models/clip_ViT-B-32_openai_binary_nsfw_head.pth`` (``convert_heads_to_pytorch.py``) load as is.
+  The heads were trained on OpenAI CLIP embeddings of that model and nothing else.
 - Aesthetic predictor v2: christophschuhmann/improved-aesthetic-predictor, ``MLP.layers`` =
   Linear(d,1024), Dropout(.2), Linear(1024,128), Dropout(.2), Linear(128,64), Dropout(.1),
   Linear(64,16), Linear(16,1) on the L2-normalized embedding (no activations, as released);
-  ``sac+logos+ava1-l14-linearMSE.pth`` loads as is.
+  ``sac+logos+ava1-l14-linearMSE.pth`` loads as is. Trained on OpenAI CLIP ViT-L/14 embeddings
+  (``clip.load("ViT-L/14")`` in ``simple_inference.py``).
 - Watermark: LAION-AI/LAION-5B-WatermarkDetection (``inference.py``): timm ``efficientnet_b3a``
   whose ``classifier`` is Linear(1536,625), ReLU, Dropout(.3), Linear(625,256), ReLU,
   Linear(256,2); input Resize((256,256)) (no crop), ImageNet mean/std; softmax, and column 0
   is "P Watermark", column 1 "P Clean". timm >= 0.9 maps the name ``efficientnet_b3a`` to
   ``efficientnet_b3`` (the same architecture and keys), so that is the default.
 
-A head built here has seeded random weights (``operators.models.common.seeded``) until
+``RELEASED_NSFW`` / ``RELEASED_AESTHETIC`` record, per released head, the embedder it was trained
+on (``MODEL/PRETRAINED`` as open_clip names it) and its layout; the safety stage refuses a head
+on another embedder's embeddings (operators/safety.py). A head built here has seeded random weights (``operators.models.common.seeded``) until
 ``load_state`` loads a checkpoint into it. The specs are the safety stage's config classes
 (operators/safety.py).
 """
@@ -38,6 +43,12 @@ if TYPE_CHECKING:
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Released NSFW heads (LAION-AI/CLIP-based-NSFW-Detector ``src/models.py``): the embedder each was
+# trained on -> (embedding width, hidden widths).
+RELEASED_NSFW = {"ViT-L-14/openai": (768, (64, 512, 256)), "ViT-B-32/openai": (512, (32, 32))}
+# Released aesthetic v2 MLP (christophschuhmann/improved-aesthetic-predictor): embedder -> width.
+RELEASED_AESTHETIC = {"ViT-L-14/openai": 768}
 
 
 @functools.lru_cache(maxsize=None)
@@ -62,6 +73,7 @@ def _nn():
 
         def __init__(self, embed_dim: int, hidden_dims: list[int]):
             super().__init__()
+            self.input_width = embed_dim
             self.norm = Normalization(embed_dim)
             dims = [embed_dim, *hidden_dims, 1]
             self.n_linear = len(dims) - 1
@@ -81,7 +93,7 @@ def _nn():
 
         def __init__(self, input_size: int):
             super().__init__()
-            self.input_size = input_size
+            self.input_size = self.input_width = input_size
             self.layers = nn.Sequential(
                 nn.Linear(input_size, 1024), nn.Dropout(0.2),
                 nn.Linear(1024, 128), nn.Dropout(0.2),
@@ -96,14 +108,24 @@ def _nn():
     return Normalization, NsfwHead, AestheticMLP
 
 
-def build_nsfw_head(spec: "NsfwSpec"):
+def build_nsfw_head(spec: "NsfwSpec", embed_dim: int | None = None):
+    """The NSFW head of a spec; ``embed_dim`` is the embedder's width when the spec leaves it null."""
     _, NsfwHead, _ = _nn()
-    return seeded(lambda: NsfwHead(spec.embed_dim, list(spec.hidden_dims))).eval()
+    dim = _width(spec, embed_dim, "nsfw")
+    return seeded(lambda: NsfwHead(dim, list(spec.layout()))).eval()
 
 
-def build_aesthetic_head(spec: "AestheticSpec"):
+def build_aesthetic_head(spec: "AestheticSpec", embed_dim: int | None = None):
     _, _, AestheticMLP = _nn()
-    return seeded(lambda: AestheticMLP(spec.embed_dim)).eval()
+    dim = _width(spec, embed_dim, "aesthetic")
+    return seeded(lambda: AestheticMLP(dim)).eval()
+
+
+def _width(spec, embed_dim: int | None, what: str) -> int:
+    dim = spec.embed_dim or embed_dim or spec.released_width()
+    if dim is None:
+        raise ValueError(f"safety.{what}.embed_dim is null and the width of {spec.embedder!r} is not known: set it")
+    return dim
 
 
 def build_watermark_model(spec: "WatermarkSpec"):
@@ -133,9 +155,10 @@ def build_watermark_model(spec: "WatermarkSpec"):
     return seeded(build).eval()
 
 
-def watermark_inputs(images: list, size: int) -> np.ndarray:
-    """LAION's watermark preprocessing of PIL images: Resize((size, size)) (no crop), ImageNet
-    mean/std; float32 (N, 3, size, size)."""
+def squash_inputs(images: list, size: int) -> np.ndarray:
+    """PIL images squashed to Resize((size, size)) (no crop), ImageNet mean/std; float32 (N, 3, size, size).
+
+    LAION's watermark preprocessing (``inference.py``, 256 px) and RIGID's (IBM/RIGID, 224 px)."""
     from PIL import Image
 
     mean = np.asarray(IMAGENET_MEAN, np.float32)
