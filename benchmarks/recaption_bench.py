@@ -11,6 +11,9 @@ GPU (run on the device machine; no Ray needed there), a BLIP-base-shaped model (
     python benchmarks/recaption_bench.py gpu --n 2048 --batch 128 --single 64 --tokens 32
 CPU (here), the dry run's tiny random captioner:
     python benchmarks/recaption_bench.py cpu --n 128 --batch 32 --single 32 --tokens 16
+``--textualize`` adds Image Textualization's passes 2 and 3 (Pi et al., 2024) with the dry run's
+tiny random OWL-ViT and rewriter (CPU) or OWL-ViT-B/16- and 0.5B-Llama-shaped random ones (GPU), their
+micro-batches the same as the captioner's; the threshold is set so random detectors find some objects.
 Every figure is measured in the same run; nothing is hard-coded.
 """
 
@@ -30,9 +33,12 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.clip_bench import synthetic_jpegs  # noqa: E402
 from benchmarks.reward_bench import make_table  # noqa: E402
-from operators.recaption import RecaptionConfig, Recaptioner, write_tiny_captioner  # noqa: E402
+from operators.recaption import (RecaptionConfig, Recaptioner, write_tiny_captioner,  # noqa: E402
+                                 write_tiny_detector, write_tiny_rewriter)
 
 TINY_DIR = str(ROOT / "configs" / "models" / "imgcurate-tiny-captioner")
+TINY_OWL_DIR = str(ROOT / "configs" / "models" / "imgcurate-tiny-owlvit")
+TINY_REWRITER_DIR = str(ROOT / "configs" / "models" / "imgcurate-tiny-rewriter")
 
 
 def timed(cfg: RecaptionConfig, table: pa.Table, batch_rows: int, sync=None) -> tuple[float, int]:
@@ -51,17 +57,27 @@ def timed(cfg: RecaptionConfig, table: pa.Table, batch_rows: int, sync=None) -> 
     return time.perf_counter() - start, tokens
 
 
+def config(common: dict, micro_batch: int, args) -> RecaptionConfig:
+    """The benchmark's settings at one micro-batch (every pass's, with ``--textualize``)."""
+    c = {**common, "micro_batch": micro_batch, "batch_size": args.batch}
+    if args.textualize:
+        t = c["textualize"] = {"enabled": True, "object_words": args.objects.split(","), **args.textualize}
+        t["detector"] = {**t["detector"], "micro_batch": micro_batch, "score_threshold": 0.5}
+        t["rewriter"] = {**t["rewriter"], "micro_batch": micro_batch, "max_new_tokens": args.tokens,
+                         "min_new_tokens": args.tokens}
+    return RecaptionConfig(**c)
+
+
 def run(title: str, base: dict, args, sync=None) -> None:
     table = make_table(synthetic_jpegs(args.n, args.image_px), captions_per_image=1)
     single_table = table.slice(0, args.single)
     common = {"enabled": True, "cache": False, "max_new_tokens": args.tokens, "min_new_tokens": args.tokens,
               "prompt": args.prompt, **base}
-    t_b, tok_b = timed(RecaptionConfig(**common, micro_batch=args.batch, batch_size=args.batch), table,
-                       args.batch, sync)
-    t_1, tok_1 = timed(RecaptionConfig(**common, micro_batch=1, batch_size=args.batch), single_table,
-                       args.batch, sync)
+    t_b, tok_b = timed(config(common, args.batch, args), table, args.batch, sync)
+    t_1, tok_1 = timed(config(common, 1, args), single_table, args.batch, sync)
     ips_b, ips_1 = args.n / t_b, args.single / t_1
-    print(title)
+    print(title + (", with Image Textualization's detector and rewriter (recaption tokens: the final text's)"
+                   if args.textualize else ""))
     print(f"batched (micro_batch {args.batch}), {args.n} images:   {ips_b:,.1f} images/s, {tok_b / t_b:,.0f} tokens/s "
           f"({tok_b} tokens in {t_b:.2f}s)")
     print(f"one image at a time, {args.single} images:    {ips_1:,.1f} images/s, {tok_1 / t_1:,.0f} tokens/s "
@@ -76,6 +92,11 @@ def gpu(args) -> None:
     path = os.path.join(tempfile.mkdtemp(prefix="blip-base-random-"), "model")
     # BLIP-base's shape, random weights saved and loaded back by path (as a real checkpoint is).
     write_tiny_captioner(path, weights=True, image_size=384, hidden=768, layers=12, heads=12, vocab_size=30524)
+    if args.textualize:  # OWL-ViT-B/16- and small-Llama-shaped random models, saved and loaded back by path
+        args.textualize = {
+            "detector": {"model": write_tiny_detector(path + "-owl", weights=True, image_size=768, hidden=768,
+                                                      layers=12)},
+            "rewriter": {"model": write_tiny_rewriter(path + "-llm", weights=True, hidden=896, layers=24)}}
     run(f"recaption benchmark (GPU: {torch.cuda.get_device_name(0)}), BLIP-base-shaped random model fp16, "
         f"{args.tokens} new tokens per caption, prompt {args.prompt!r}, JPEGs of {args.image_px}px",
         {"model": path, "device": "cuda", "precision": "fp16"}, args, torch.cuda.synchronize)
@@ -89,6 +110,11 @@ def cpu(args) -> None:
         {"model": None, "model_config_path": TINY_DIR, "device": "cpu"}, args)
 
 
+def tiny_textualize() -> dict:
+    return {"detector": {"model": None, "model_config_path": TINY_OWL_DIR},
+            "rewriter": {"model": None, "model_config_path": TINY_REWRITER_DIR}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("mode", choices=["gpu", "cpu"])
@@ -98,7 +124,12 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=None, help="new tokens per caption (forced)")
     p.add_argument("--prompt", default="a picture of")
     p.add_argument("--image-px", type=int, default=256)
+    p.add_argument("--textualize", action="store_true", help="add Image Textualization's detector and rewriter")
+    p.add_argument("--objects", default="dog,cat,bird,car,bus,tree,flower,house,table,chair,cup,hat",
+                   help="textualize: the object words looked for in the descriptions")
     args = p.parse_args()
+    if args.textualize:
+        args.textualize = tiny_textualize()  # gpu mode replaces them with larger shapes
     if args.mode == "gpu":
         args.n, args.batch, args.single, args.tokens = (args.n or 2048, args.batch or 128, args.single or 64,
                                                         args.tokens or 32)
