@@ -192,3 +192,38 @@ def test_random_weights_are_the_same_in_every_actor():
     a = embedder(None)(batch([jpeg(30)], [["x", "y"]])).column("clip_scores").to_pylist()
     b = embedder(None)(batch([jpeg(30)], [["x", "y"]])).column("clip_scores").to_pylist()
     assert a == b
+
+
+# --- the threshold's calibration --------------------------------------------------------------
+def test_calibration_warning_only_off_the_calibrated_weights(caplog):
+    from operators.clip import calibration_warning
+
+    laion2b = ClipConfig(model="ViT-B-32", pretrained="laion2b_s34b_b79k", min_score=0.28)
+    w = calibration_warning(laion2b)
+    assert w is not None and "no published threshold" in w and "ViT-B-32/laion2b_s34b_b79k" in w
+    openai = ClipConfig(model="ViT-B-32-quickgelu", pretrained="openai", min_score=0.28)
+    assert calibration_warning(openai) is None  # LAION-5B's own filter
+    assert calibration_warning(openai.model_copy(update={"min_score": 0.3})) is None  # LAION-400M's
+    assert "not a published threshold" in calibration_warning(openai.model_copy(update={"min_score": 0.25}))
+    # open_clip's ViT-B-32 with OpenAI's weights runs GELU, not the QuickGELU LAION's scores came from.
+    assert "QuickGELU" in calibration_warning(ClipConfig(model="ViT-B-32", pretrained="openai", min_score=0.28))
+    l14 = calibration_warning(ClipConfig(model="ViT-L-14-quickgelu", pretrained="openai", min_score=0.28))
+    assert "DataComp" in l14 and "fraction" in l14  # DataComp's L/14 filter is a top fraction, not a threshold
+    assert calibration_warning(ClipConfig()) is None  # no threshold, nothing to calibrate
+    assert "no calibrated min_score" in ClipConfig.model_fields["pretrained"].description
+    with caplog.at_level("WARNING", logger="operators.clip"):
+        ClipEmbedder(laion2b)
+    assert "no published threshold" in caplog.text
+
+
+def test_the_job_reports_an_uncalibrated_threshold():
+    from jobs.config import CONFIG_DIR, load_config
+    from jobs.stages import config_warnings, describe
+
+    laion = load_config(CONFIG_DIR / "laion-style.yaml")
+    assert config_warnings(laion) == [] and "WARNING" not in describe(laion)
+    other = load_config(CONFIG_DIR / "laion-style.yaml", ["clip.model=ViT-B-32", "clip.pretrained=laion2b_s34b_b79k"])
+    [(key, msg)] = config_warnings(other)
+    assert key == "clip.min_score" and "laion2b_s34b_b79k" in msg
+    assert "WARNING: clip.min_score" in describe(other)
+    assert config_warnings(load_config(CONFIG_DIR / "laion-style.yaml", ["clip.enabled=false", "safety.enabled=false"])) == []
