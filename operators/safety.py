@@ -271,8 +271,9 @@ class SafetyConfig(StageResources):
 
     def reuses_clip(self, clip: ClipConfig | None) -> bool:
         """Whether the embedding heads read the CLIP stage's ``clip_image_embedding`` (it runs safety.embedder's
-        model and writes its embeddings); else the stage embeds the images with safety.embedder."""
-        return (bool(self.embedding_heads()) and clip is not None and clip.enabled and clip.write_embeddings
+        model); else the stage embeds the images with safety.embedder. With clip.write_embeddings off the
+        chain check refuses the config rather than run the same model twice."""
+        return (bool(self.embedding_heads()) and clip is not None and clip.enabled
                 and self.embedder.same_model_as(clip))
 
     def uses_images(self, clip: ClipConfig | None = None) -> bool:

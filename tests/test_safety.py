@@ -244,11 +244,14 @@ def test_reuses_the_clip_stage_embeddings_only_for_the_same_model():
     assert SafetyScorer.resources(cfg.model_copy(update={"device": "auto"}), same).num_gpus == 0
     for other in (same.model_copy(update={"pretrained": "laion2b_s34b_b79k"}),  # same architecture, other weights
                   same.model_copy(update={"model_config_path": "/elsewhere/tiny.json"}),
-                  same.model_copy(update={"enabled": False}), same.model_copy(update={"write_embeddings": False}),
-                  None):
+                  same.model_copy(update={"enabled": False}), None):
         cols = SafetyScorer.columns(cfg, other).reads
         assert "image" in cols and "clip_image_embedding" not in cols, other
         assert SafetyScorer.resources(cfg.model_copy(update={"device": "auto"}), other).num_gpus == 1
+    # The same model without its embeddings written: the chain check refuses it (not a second copy of the model).
+    assert "clip_image_embedding" in SafetyScorer.columns(cfg, same.model_copy(update={"write_embeddings": False})).reads
+    with pytest.raises(ConfigError, match="safety stage reads 'clip_image_embedding'.*clip.write_embeddings"):
+        load_config(CONFIG_DIR / "dryrun.yaml", ["clip.write_embeddings=false"])
     # The job's chain check sees the same: the dry run reuses, LAION-style (B/32 CLIP, L/14 heads) does not.
     dry, laion = load_config(CONFIG_DIR / "dryrun.yaml"), load_config(CONFIG_DIR / "laion-style.yaml")
     assert "clip_image_embedding" in stage("safety").columns(dry).reads
