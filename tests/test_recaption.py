@@ -346,6 +346,51 @@ def test_textualize_end_to_end_with_tiny_random_owlvit_and_causal_lm(saved_model
     assert not any("nothing detected" in p for p in seen)
 
 
+@pytest.fixture(scope="module")
+def tiny_grounding_dino(tmp_path_factory) -> str:
+    """A Grounding DINO (the paper's detector) with a tiny Swin backbone, a 1-layer BERT text encoder
+    over the tiny captioner's words, seeded random weights, saved like a hub checkpoint."""
+    from transformers import (BertConfig, BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection,
+                              GroundingDinoImageProcessor, GroundingDinoProcessor, SwinConfig)
+
+    from operators.recaption import TINY_WORDS
+
+    words = list(dict.fromkeys(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ","] + list(TINY_WORDS)))
+    vocab = {w: i for i, w in enumerate(words)}
+    gcfg = GroundingDinoConfig(
+        backbone_config=SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
+                                   window_size=2, out_features=["stage2", "stage3", "stage4"]),
+        use_timm_backbone=False, use_pretrained_backbone=False,
+        text_config=BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32, max_position_embeddings=64),
+        d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=10, num_feature_levels=3, encoder_n_points=2,
+        decoder_n_points=2, max_text_len=64)
+    path = str(tmp_path_factory.mktemp("tinygdino"))
+    torch.manual_seed(0)
+    GroundingDinoForObjectDetection(gcfg).eval().save_pretrained(path)
+    GroundingDinoProcessor(image_processor=GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}),
+                           tokenizer=BertTokenizer(vocab=vocab)).save_pretrained(path)
+    return path
+
+
+def test_textualize_with_a_tiny_grounding_dino(saved_model, tiny_grounding_dino, tiny_rewriter):
+    """Grounding DINO (the paper's detector) through the same passes: its boxes are labeled with the
+    query phrase their tokens matched, so every fact is a named object and the rest are removed."""
+    nouns = ["dog", "cat", "bird", "car", "bus", "tree", "flower", "house", "table", "chair", "cup", "hat", "ball"]
+    c = it_cfg(saved_model, tiny_grounding_dino, tiny_rewriter, object_words=nouns).model_copy(
+        update={"max_new_tokens": 16, "min_new_tokens": 16})
+    op = Recaptioner(c)
+    rows = op(batch([jpeg(60 + i) for i in range(4)], [["x"]] * 4)).to_pylist()
+    assert op._detector.grounding and op.detected == 4
+    assert any(r["recaption_facts"] for r in rows) and any(r["recaption_removed"] for r in rows)
+    for r in rows:
+        named = extract_objects(r["recaption_reference"], nouns)
+        found = {f["label"] for f in r["recaption_facts"]}
+        assert found <= set(named) and set(r["recaption_removed"]) == set(named) - found
+        assert all(0 <= v <= 1 for f in r["recaption_facts"] for v in f["box"]) and r["recaption"]
+
+
 def test_dry_run_models_build_from_config_dirs_seeded():
     """The dry run's textualize section: all three models built from configs/models/ with seeded
     random weights; two instances agree row for row."""

@@ -7,6 +7,7 @@ transformers ``AutoModelForZeroShotObjectDetection`` whose processor takes per-i
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,6 +29,8 @@ class DetectorConfig(BaseModel):
                                                             "files (random weights: tests, dry run)")
     score_threshold: float = Field(0.1, ge=0, le=1, description="a named object with no box at or above this score "
                                                                 "is not in the image (a hallucination)")
+    text_threshold: float = Field(0.25, ge=0, le=1, description="Grounding DINO only: a query token must score this "
+                                                              "for a box to be labeled with it (the paper: 0.15-0.25)")
     nms_iou: float = Field(0.5, gt=0, le=1, description="boxes of one object overlapping a higher-scoring one by "
                                                         "more than this IoU are the same object")
     micro_batch: int = Field(8, ge=1, description="images per detector call")
@@ -77,7 +80,7 @@ class OpenVocabularyDetector:
             sizes = [(im.height, im.width) for im in ims]
             kw = {"threshold": self.cfg.score_threshold, "target_sizes": sizes}
             if self.grounding:  # Grounding DINO: labels are the query phrases its tokens matched
-                kw.update(input_ids=inputs["input_ids"], text_threshold=self.cfg.score_threshold, text_labels=qs)
+                kw.update(input_ids=inputs["input_ids"], text_threshold=self.cfg.text_threshold, text_labels=qs)
             results = self.processor.post_process_grounded_object_detection(outputs, **kw)
         for i, q, r in zip(todo, qs, results):
             dets = []
@@ -103,15 +106,18 @@ def _params(fn) -> set[str]:
 
 def _labels(result: dict, queries: list[str], grounding: bool) -> list[str | None]:
     """The query each box answers. OWL-ViT gives query indices (queries are padded to the batch's
-    longest list: a padded index answers nothing); Grounding DINO gives the phrase its matched
-    tokens decode to, mapped to the query equal to it or else the first containing it."""
-    if grounding:
-        out = []
-        for t in result["text_labels"]:
-            t = " ".join(str(t).split())
-            out.append(t if t in queries else next((q for q in queries if t and t in q), None))
-        return out
-    return [queries[int(x)] if 0 <= int(x) < len(queries) else None for x in result["labels"].tolist()]
+    longest list: a padded index answers nothing). Grounding DINO gives the words of the prompt
+    whose tokens scored ``text_threshold``: the box answers the query those words spell, else the
+    longest query whose words are all among them (first in the prompt on a tie), else none."""
+    if not grounding:
+        return [queries[int(x)] if 0 <= int(x) < len(queries) else None for x in result["labels"].tolist()]
+    out = []
+    for phrase in result["text_labels"]:
+        words = re.sub(r"\[[A-Z]+\]|[^\w\s']", " ", str(phrase)).split()
+        text = " ".join(words)
+        inside = [q for q in queries if q.split() and set(q.split()) <= set(words)]
+        out.append(text if text in queries else (max(inside, key=len) if inside else None))
+    return out
 
 
 def _iou(a: tuple, b: tuple) -> float:
