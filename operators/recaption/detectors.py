@@ -1,8 +1,9 @@
 """Image Textualization's vision expert (Pi et al., 2024): an open-vocabulary detector that looks
-for each object the reference description names. The paper uses Grounding DINO; we load any
-transformers ``AutoModelForZeroShotObjectDetection`` whose processor takes per-image text queries
-(OWL-ViT, OWLv2; Grounding DINO through the same processor call), from an HF id, a local dir,
-``file://``, ``s3://``, or random weights built from a config dir (tests, dry run)."""
+for each object the reference description names. The paper runs Grounding DINO (Swin-B) once per
+object; we load any transformers ``AutoModelForZeroShotObjectDetection`` whose processor takes
+per-image text queries (Grounding DINO, the default; OWL-ViT, OWLv2) and ask for all of an
+image's objects in one call, from an HF id, a local dir, ``file://``, ``s3://``, or random
+weights built from a config dir (tests, dry run)."""
 
 from __future__ import annotations
 
@@ -20,15 +21,16 @@ class DetectorConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model: str | None = Field("google/owlv2-base-patch16-ensemble",
+    model: str | None = Field("IDEA-Research/grounding-dino-base",
                               description="open-vocabulary detector (AutoModelForZeroShotObjectDetection: OWL-ViT, "
                                           "OWLv2, Grounding DINO): HF id, local dir, file:// or s3:// prefix; null = "
                                           "random weights from model_config_path")
     revision: str | None = Field(None, description="HF revision (commit) of a hub detector: pins the cache key too")
     model_config_path: str | None = Field(None, description="dir with the detector's transformers config + processor "
                                                             "files (random weights: tests, dry run)")
-    score_threshold: float = Field(0.1, ge=0, le=1, description="a named object with no box at or above this score "
-                                                                "is not in the image (a hallucination)")
+    score_threshold: float = Field(0.3, ge=0, le=1, description="a named object with no box at or above this score "
+                                                                "is not in the image, a hallucination (the paper: "
+                                                                "0.3-0.4 with Grounding DINO; OWLv2: about 0.1)")
     text_threshold: float = Field(0.25, ge=0, le=1, description="Grounding DINO only: a query token must score this "
                                                               "for a box to be labeled with it (the paper: 0.15-0.25)")
     nms_iou: float = Field(0.5, gt=0, le=1, description="boxes of one object overlapping a higher-scoring one by "
