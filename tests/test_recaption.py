@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 
 import numpy as np
@@ -75,7 +74,8 @@ def test_declares_its_columns_and_drop_reasons():
 
     cols = Recaptioner.columns(cfg(None))
     assert {"recaption", "recaption_model", "recaption_cached", "recaption_tokens", "recaption_reference",
-            "recaption_facts", "recaption_removed", "recaption_error", "captions", "caption_sources"} == set(cols.writes)
+            "recaption_facts", "recaption_removed", "recaption_error", "captions",
+            "caption_sources"} == set(cols.writes)
     assert cols.writes["recaption_removed"] == pa.list_(pa.string())
     assert pa.types.is_struct(cols.writes["recaption_facts"].value_type)
     assert all(t is not None for t in cols.writes.values())
@@ -252,7 +252,7 @@ def test_textualize_checks_named_objects_and_rewrites_from_verified_facts(saved_
     op = Recaptioner(it_cfg(saved_model, tiny_detector, tiny_rewriter))
     det = FakeDetector({"dog": (0, 50, 50, 100), "bed": (0, 0, 100, 100)})
     seen = rigged(op, references, det)
-    rows = op(batch([jpeg(30, (100, 100)), jpeg(31, (100, 100)), jpeg(32, (100, 100))], [["a"], ["b"], ["c"]])).to_pylist()
+    rows = op(batch([jpeg(30 + i, (100, 100)) for i in range(3)], [["a"], ["b"], ["c"]])).to_pylist()
     assert det.calls == [[["dog", "cat", "bed"], ["dog", "bed"], []]]  # the objects each reference names
     one, two, none = rows
     assert [r["recaption_reference"] for r in rows] == references  # pass 1 is kept
@@ -358,8 +358,8 @@ def tiny_grounding_dino(tmp_path_factory) -> str:
     words = list(dict.fromkeys(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ","] + list(TINY_WORDS)))
     vocab = {w: i for i, w in enumerate(words)}
     gcfg = GroundingDinoConfig(
-        backbone_config=SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
-                                   window_size=2, out_features=["stage2", "stage3", "stage4"]),
+        backbone_config=SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1],
+                                   num_heads=[1, 1, 1, 1], window_size=2, out_features=["stage2", "stage3", "stage4"]),
         use_timm_backbone=False, use_pretrained_backbone=False,
         text_config=BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                intermediate_size=32, max_position_embeddings=64),

@@ -280,8 +280,13 @@ def write_tiny_captioner(path: str, weights: bool = False, image_size: int = 64,
     processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": image_size, "width": image_size}),
                               tokenizer=tok)
     processor.save_pretrained(path)
+    return save_tiny(path, cfg, BlipForConditionalGeneration, weights)
+
+
+def save_tiny(path: str, cfg, model_cls, weights: bool) -> str:
+    """A tiny model's config in ``path``, or with ``weights`` the model built from it (seeded)."""
     if weights:
-        seeded(lambda: BlipForConditionalGeneration(cfg)).save_pretrained(path)
+        seeded(lambda: model_cls(cfg)).save_pretrained(path)
     else:
         cfg.save_pretrained(path)
     return path

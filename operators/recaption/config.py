@@ -37,8 +37,8 @@ class RecaptionConfig(StageResources):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     enabled: bool = Field(False, description="run the recaption stage: recaption, recaption_model, recaption_cached, "
-                                             "recaption_tokens, recaption_reference, recaption_facts, recaption_removed, "
-                                             "recaption_error; the caption joins "
+                                             "recaption_tokens, recaption_reference, recaption_facts, "
+                                             "recaption_removed, recaption_error; the caption joins "
                                              "captions with source recaption:<model>")
     backend: Literal["transformers", "vllm"] = Field(
         "transformers", description="transformers: AutoModelForImageTextToText in GPU actors (BLIP, BLIP-2, GIT, "

@@ -145,10 +145,11 @@ def write_tiny_detector(path: str, weights: bool = False, image_size: int = 64, 
     """An OWL-ViT-shaped open-vocabulary detector: config + processor files (and seeded random
     weights when ``weights``). Its tokenizer is CLIP's byte-level BPE with no merges (one token per
     character, 16 tokens a query as OWL-ViT's). Random weights box things at random."""
-    from transformers import CLIPTokenizer, OwlViTConfig, OwlViTForObjectDetection, OwlViTImageProcessor, OwlViTProcessor
+    from transformers import (CLIPTokenizer, OwlViTConfig, OwlViTForObjectDetection, OwlViTImageProcessor,
+                              OwlViTProcessor)
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    from operators.models.common import seeded
+    from operators.recaption.captioners import save_tiny
 
     chars = sorted(set(bytes_to_unicode().values()))
     vocab = {c: i for i, c in enumerate(chars)}
@@ -164,9 +165,6 @@ def write_tiny_detector(path: str, weights: bool = False, image_size: int = 64, 
     cfg = OwlViTConfig(text_config=text, vision_config=vision, projection_dim=hidden)
     size = {"height": image_size, "width": image_size}
     os.makedirs(path, exist_ok=True)
-    OwlViTProcessor(image_processor=OwlViTImageProcessor(size=size, crop_size=size), tokenizer=tok).save_pretrained(path)
-    if weights:
-        seeded(lambda: OwlViTForObjectDetection(cfg)).save_pretrained(path)
-    else:
-        cfg.save_pretrained(path)
-    return path
+    processor = OwlViTProcessor(image_processor=OwlViTImageProcessor(size=size, crop_size=size), tokenizer=tok)
+    processor.save_pretrained(path)
+    return save_tiny(path, cfg, OwlViTForObjectDetection, weights)

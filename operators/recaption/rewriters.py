@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import os
 
-from operators.recaption.captioners import TINY_WORDS, TransformersCaptioner, _dtype, load_pretrained, load_processor
+from operators.recaption.captioners import (TINY_WORDS, TransformersCaptioner, _dtype, load_pretrained, load_processor,
+                                            save_tiny)
 from operators.recaption.config import RecaptionConfig
 from operators.storage import StorageConfig
 
@@ -72,7 +73,6 @@ def write_tiny_rewriter(path: str, weights: bool = False, hidden: int = 32, laye
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from operators.models.common import seeded
     from operators.recaption.prompts import DEFAULT_REWRITE_PROMPT, HALLUCINATION_HEADER, VERIFIED_HEADER
 
     prompt_words = [t for t, _ in pre_tokenizers.Whitespace().pre_tokenize_str(
@@ -91,9 +91,5 @@ def write_tiny_rewriter(path: str, weights: bool = False, hidden: int = 32, laye
                       pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"])
     os.makedirs(path, exist_ok=True)
     tok.save_pretrained(path)
-    if weights:
-        seeded(lambda: LlamaForCausalLM(cfg)).save_pretrained(path)
-    else:
-        cfg.save_pretrained(path)
-    return path
+    return save_tiny(path, cfg, LlamaForCausalLM, weights)
 

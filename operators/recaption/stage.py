@@ -1,6 +1,7 @@
 """The recaption stage's steps: ``Recaptioner`` (transformers backend: cache lookup, decode,
-generate, in Image Textualization mode detect and rewrite, cache store) and the vLLM backend's cache steps around ray.data.llm's
-processor (``RecaptionCacheLookup`` before it, ``RecaptionCacheStore`` after it).
+generate, in Image Textualization mode detect and rewrite, cache store) and the vLLM backend's
+cache steps around ray.data.llm's processor (``RecaptionCacheLookup`` before it,
+``RecaptionCacheStore`` after it).
 
 ``Recaptioner`` and ``RecaptionCacheLookup`` are ``KeptRowsStage``s: they compute on the kept
 rows only and the base scatters the results back (rows not kept keep the values an earlier step
