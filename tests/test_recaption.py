@@ -281,6 +281,18 @@ def test_textualize_checks_named_objects_and_rewrites_from_verified_facts(saved_
     assert not any("nothing detected" in p.lower() for p in seen)
 
 
+def test_extra_queries_add_found_objects_and_say_nothing_of_missing_ones(saved_model, tiny_detector, tiny_rewriter):
+    """``extra_queries`` are looked for in every image: a found one joins the facts (not named by
+    the reference: ``mentioned`` false), a missing one is not a hallucination (nobody claimed it)."""
+    op = Recaptioner(it_cfg(saved_model, tiny_detector, tiny_rewriter, extra_queries=["Lamp", "cup"]))
+    det = FakeDetector({"dog": (0, 0, 10, 10), "lamp": (50, 50, 60, 60)})
+    seen = rigged(op, ["a dog"], det)
+    r = op(batch([jpeg(37, (100, 100))], [["a"]])).to_pylist()[0]
+    assert det.calls == [[["dog", "lamp", "cup"]]]
+    assert [(f["label"], f["mentioned"]) for f in r["recaption_facts"]] == [("dog", True), ("lamp", False)]
+    assert r["recaption_removed"] == [] and "cup" not in seen[0] and "- lamp" in seen[0]
+
+
 def test_a_detector_failure_keeps_the_reference_with_a_note(saved_model, tiny_detector, tiny_rewriter, tmp_path):
     """The detector raises on one image (its queries name a bus): its batch is retried image by
     image, that one keeps its pass-1 description with the reason, the others are textualized.

@@ -177,7 +177,8 @@ class Recaptioner(_KeptRowsRecaption):
     passes per image: the captioner's reference description (``recaption_reference``), the
     open-vocabulary detector's check of every object it names (``recaption_facts``: the boxes
     found; ``recaption_removed``: the named objects not found, hallucinations), and the text-only
-    rewriter's description from those facts (``recaption``). Where the detector or the rewriter
+    rewriter's description from those facts (``recaption``; ``recaption_tokens`` counts the tokens of
+    whichever pass wrote it). Where the detector or the rewriter
     fails on an image, its recaption is the reference, with the reason in ``recaption_error``
     (not cached: a rerun tries again)."""
 
