@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from jobs.stages import STAGES, config_errors
+from jobs.stages import STAGES, config_errors, config_warnings
 from operators.sources import SourceConfig
 from operators.storage import StorageConfig
+
+log = logging.getLogger(__name__)
+
 
 def _config_dir() -> Path:
     """configs/ of the source tree (editable install, container WORKDIR), else of the cwd."""
@@ -186,6 +190,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     errors = config_errors(cfg)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(f"bad value for {key!r}: {msg}" for key, msg in errors))
+    for key, msg in config_warnings(cfg):
+        log.warning("%s: %s", key, msg)
     for s in STAGES:
         if s.enabled(cfg):
             for key in s.local_files(cfg):

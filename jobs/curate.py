@@ -118,7 +118,7 @@ def stage_needs(cfg: JobConfig) -> tuple[StageNeed, list[StageNeed]]:
                          ("download.num_cpus", "images.num_cpus", "download.pool_min"))
     models = []
     for stage, stage_cfg, _ in model_stages(cfg):
-        name, op = stage.section, stage.operator
+        name = stage.section
         if name == "recaption" and stage_cfg.backend == "vllm":
             # The vLLM processor sizes its own engine actors; its cache lookup and store actors (two
             # pools of up to 2 x 0.25 CPU, apply_vllm_recaption) and one GPU per engine replica.
@@ -126,7 +126,7 @@ def stage_needs(cfg: JobConfig) -> tuple[StageNeed, list[StageNeed]]:
             models.append(StageNeed("recaption.vllm", 0.0, 1.0, stage_cfg.vllm.concurrency,
                                     stage_cfg.vllm.concurrency, (), ("recaption.vllm.concurrency",)))
             continue
-        r = op.resources(stage_cfg)
+        r = stage.resources(cfg)  # with the stage's context (safety: whether it reuses the CLIP embeddings)
         models.append(StageNeed(name, r.num_cpus, r.num_gpus, r.pool[0], r.pool[1],
                                 (f"{name}.num_cpus", f"{name}.pool_min"),
                                 (f"{name}.num_gpus", f"{name}.pool_min", f"{name}.device")))
@@ -174,7 +174,7 @@ def build_pipeline(cfg: JobConfig, ds, plan: PipelinePlan):
         if name == "recaption" and stage_cfg.backend == "vllm":
             ds = apply_vllm_recaption(ds, stage_cfg, cfg.storage, recaption_cache_root(cfg))
             continue
-        r = op.resources(stage_cfg)
+        r = stage.resources(cfg)
         lo, hi = plan.pools[name]
         ds = ds.map_batches(
             op, fn_constructor_kwargs={"config": stage_cfg, "storage": cfg.storage, **kwargs},
