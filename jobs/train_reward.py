@@ -9,7 +9,8 @@ Input: Parquet rows with ``image`` (bytes) or ``image_uri`` (path, file://, s3:/
 optionally ``id``. Training runs on Ray Train's ``TorchTrainer`` (CPU workers, or GPU workers on a
 cluster). The head checkpoint goes to
 ``OUT/reward_head.pt`` (local or s3://), the report to ``OUT/train_report.json``: held-out
-pairwise accuracy of the trained reward, of the untrained head and of plain CLIP score.
+pairwise accuracy of the trained reward, of the untrained head and of the backbone's own
+image-text score (the CLIP score, or BLIP's ITC cosine).
 
     python -m jobs.train_reward configs/train_reward.yaml --set data=prefs.parquet --set dropout=0.2
     python -m jobs.train_reward --data prefs.parquet --out s3://bucket/reward --num-workers 4
@@ -32,6 +33,7 @@ from pydantic import ValidationError
 from jobs.config import ConfigError, _format_error, apply_override, read_config_file
 from jobs.sizing import ResourceError
 from operators.clip import model_report as clip_model_report
+from operators.models.reward import BASELINES
 from operators.reward_training import (
     HEAD_FILE, REPORT_FILE, TrainReport, TrainRewardConfig, _keep_split, synthetic_preferences, tiny_backbone,
     train_loop_per_worker,
@@ -103,7 +105,7 @@ def run(cfg: TrainRewardConfig) -> TrainReport:
                          head_hidden=list(cfg.head_hidden), unfreeze_last_blocks=cfg.unfreeze_last_blocks,
                          num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                          metrics={k: v for k, v in result.metrics.items() if not k.startswith("_")},
-                         seconds=round(time.time() - t0, 2))
+                         seconds=round(time.time() - t0, 2), baseline=BASELINES[cfg.backbone_type])
     write_json_atomic(join(cfg.out, REPORT_FILE), asdict(report), cfg.storage)  # last: the run is complete
     return report
 
@@ -207,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(report.text())
     print(json.dumps({k: report.metrics.get(k) for k in ("val_accuracy", "val_accuracy_untrained",
-                                                         "val_accuracy_clip")}))
+                                                         "val_accuracy_backbone")}))
     return 0
 
 

@@ -7,10 +7,15 @@ ranking: with ``ties: half`` a tied pair is a comparison with target 0.5 (the lo
 in the pair and minimal at equal rewards, so ties pull rewards together and never push a
 direction); with ``ties: skip`` they yield no pair.
 
-Rows are split into train and held-out by a hash of the row's id (or image), so held-out pairs
-are of unseen images. The backbone is frozen by default and its features are computed once per
-(image, caption); ``unfreeze_last_blocks`` tunes the last blocks of the towers too. Gradients are
-averaged over Ray Train workers with an explicit all-reduce (``Reducer``). The entry point is
+Rows are split into train and held-out by a hash of the image's content (the sha256 of its
+bytes), so held-out pairs are of unseen images even when one image comes twice, under two ids or
+two URLs; rows given by ``image_uri`` alone are split by the URI (``split_key``). Held-out
+pairwise accuracy is reported for the trained head, the untrained head and the backbone's own
+image-text score (the CLIP score, or BLIP's ITC cosine: ``BASELINES``).
+
+The backbone is frozen by default and its features are computed once per (image, caption);
+``unfreeze_last_blocks`` tunes the last blocks of the towers too. Gradients are averaged over Ray
+Train workers with an explicit all-reduce (``Reducer``). The entry point is
 ``jobs/train_reward.py``.
 """
 
@@ -31,7 +36,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from operators.clip import ClipConfig
 from operators.models.common import decode_rgb
-from operators.models.reward import CHECKPOINT_FORMAT, FEATURES, build_head, load_backbone, save_reward_checkpoint
+from operators.models.reward import (BASELINES, CHECKPOINT_FORMAT, FEATURES, build_head, load_backbone,
+                                     save_reward_checkpoint)
 from operators.storage import StorageConfig, fsspec_fs
 
 log = logging.getLogger("imgcurate.train_reward")
@@ -161,10 +167,16 @@ def prefs_from_table(table: pa.Table | None, ties: str = "half", storage: Storag
 
 
 def split_key(row: dict) -> bytes:
-    for col in ("id", "image_uri"):
+    """What puts a row on its side of the split: the sha256 of its image bytes, so one image under
+    two ids or URLs never sits on both sides. A row without bytes is keyed by its ``image_uri``
+    (else its ``id``): the split does not fetch images, so the same image at two URIs can still
+    land on both sides; give the bytes, or deduplicate by content first, where that matters."""
+    if row.get("image") is not None:
+        return hashlib.sha256(row["image"]).digest()
+    for col in ("image_uri", "id"):
         if row.get(col) is not None:
             return str(row[col]).encode()
-    return bytes(row.get("image") or b"")
+    return b""
 
 
 def is_val(key: bytes, val_fraction: float, seed: int) -> bool:
@@ -339,7 +351,8 @@ def fit(cfg: TrainRewardConfig, train: Prefs, val: Prefs | None = None, device: 
         reducer: Reducer | None = None, rank: int = 0, on_epoch: Callable[[int, float], None] | None = None) -> FitResult:
     """Train the head on this worker's rows (every worker calls it; gradients are averaged).
 
-    ``val`` is evaluated where given (rank 0): trained head, the untrained head, plain CLIP score.
+    ``val`` is evaluated where given (rank 0): trained head, the untrained head, and the backbone's
+    own image-text score (``val_accuracy_backbone``: CLIP score or BLIP ITC, ``BASELINES``).
     """
     import torch
 
@@ -372,7 +385,7 @@ def _fit(cfg: TrainRewardConfig, train: Prefs, val: Prefs | None, device: str, r
 
     def evaluate(prefs: Prefs, cache=None):
         """(head scores, Eval of the pairs, cache of features) over a whole set; the cache holds
-        the backbone's features and plain similarity, reusable while the backbone is frozen."""
+        the backbone's features and its own image-text score, reusable while the backbone is frozen."""
         rows = list(range(len(prefs)))
         with torch.inference_mode():
             head.eval()
@@ -386,7 +399,7 @@ def _fit(cfg: TrainRewardConfig, train: Prefs, val: Prefs | None, device: str, r
         s0, ev, val_cache = evaluate(val)
         sim = val_cache[2].cpu().numpy()
         metrics.update(val_rows=len(val), val_pairs=int((ev.t == 1.0).sum()), val_ties=int((ev.t == 0.5).sum()),
-                       val_accuracy_untrained=ev.accuracy(s0), val_accuracy_clip=ev.accuracy(sim),
+                       val_accuracy_untrained=ev.accuracy(s0), val_accuracy_backbone=ev.accuracy(sim),
                        val_tie_margin_untrained=ev.tie_margin(s0))
     cache = None
     if frozen and len(train):  # features once; training touches the head only
@@ -455,8 +468,9 @@ def _fit(cfg: TrainRewardConfig, train: Prefs, val: Prefs | None, device: str, r
         metrics.update(val_accuracy=ev.accuracy(s), val_tie_margin=ev.tie_margin(s))
     meta = {
         "backbone_type": backbone.kind, "backbone": backbone.describe(), "feature_dim": backbone.feature_dim,
-        "features": FEATURES[backbone.kind], "head_hidden": list(cfg.head_hidden), "reward_mean": mean,
-        "reward_std": std, "unfreeze_last_blocks": cfg.unfreeze_last_blocks, "ties": cfg.ties,
+        "features": FEATURES[backbone.kind], "baseline": BASELINES[backbone.kind],
+        "head_hidden": list(cfg.head_hidden), "reward_mean": mean, "reward_std": std,
+        "unfreeze_last_blocks": cfg.unfreeze_last_blocks, "ties": cfg.ties,
         "trained": {k: v for k, v in metrics.items() if isinstance(v, (int, float, type(None)))},
         "format": CHECKPOINT_FORMAT,
     }
@@ -527,6 +541,7 @@ class TrainReport:
     use_gpu: bool
     metrics: dict
     seconds: float
+    baseline: str  # what metrics["val_accuracy_backbone"] measured (BASELINES)
 
     def text(self) -> str:
         m = self.metrics
@@ -548,7 +563,7 @@ class TrainReport:
             f"held-out pairwise accuracy ({m.get('val_pairs', 0)} pairs of unseen images; chance 0.5):",
             f"  trained reward model   {f(m.get('val_accuracy'))}",
             f"  untrained head         {f(m.get('val_accuracy_untrained'))}",
-            f"  plain CLIP score       {f(m.get('val_accuracy_clip'))}",
+            f"  backbone alone         {f(m.get('val_accuracy_backbone'))}   ({self.baseline})",
             f"held-out tied pairs, mean |reward gap| (raw): trained {f(m.get('val_tie_margin'))}, "
             f"untrained {f(m.get('val_tie_margin_untrained'))}",
             f"checkpoint: {self.checkpoint}   (reward.head_checkpoint: {self.checkpoint})",

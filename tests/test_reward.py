@@ -1,7 +1,10 @@
-"""RewardScorer with the tiny random open_clip backbone and heads built or trained by the test."""
+"""RewardScorer on a tiny open_clip backbone (trained by the test a few steps, so its CLIP score has
+signal) and on a tiny random BLIP, with heads built or trained by the test; scores are checked
+against open_clip and transformers called directly."""
 
 from __future__ import annotations
 
+import functools
 import io
 
 import numpy as np
@@ -13,13 +16,17 @@ torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 
 from operators.reward_training import (  # noqa: E402
-    TrainRewardConfig, fit, is_val, prefs_from_table, split_key, synthetic_preferences,
+    COLOURS, OBJECTS, TEMPLATES, TrainReport, TrainRewardConfig, fit, is_val, prefs_from_table, split_key,
+    synthetic_preferences,
 )
 from operators.clip import ClipConfig  # noqa: E402
-from operators.models.reward import build_head, load_reward_checkpoint, save_reward_checkpoint  # noqa: E402
+from operators.models.reward import (  # noqa: E402
+    BASELINES, build_head, load_reward_checkpoint, save_reward_checkpoint,
+)
 from operators.reward import RewardConfig, RewardScorer, model_report, threshold_reason  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 from tests.helpers import image_batch, jpeg  # noqa: E402
+from tests.test_train_reward import clip_with_signal  # noqa: E402
 
 TINY = "imgcurate-tiny-clip"
 TINY_CONFIG = str(ROOT / "configs" / "models" / f"{TINY}.json")
@@ -32,13 +39,9 @@ def batch(images, captions, sources=None, status=None) -> pa.Table:
 
 @pytest.fixture(scope="module")
 def backbone_ckpt(tmp_path_factory) -> str:
-    """A tiny random CLIP saved by the test: every load below gets these weights."""
-    open_clip.add_model_config(TINY_CONFIG)
-    torch.manual_seed(0)
-    model = open_clip.create_model(TINY, pretrained=None)
-    path = tmp_path_factory.mktemp("clip") / "tiny.pt"
-    torch.save(model.state_dict(), path)
-    return str(path)
+    """The tiny CLIP trained a few steps contrastively by the test (its CLIP score prefers the right
+    caption well above chance) and saved: every load below gets these weights."""
+    return clip_with_signal(tmp_path_factory.mktemp("clip") / "tiny.pt")
 
 
 def backbone(ckpt: str | None) -> ClipConfig:
@@ -49,26 +52,41 @@ def scorer(ckpt, **kw) -> RewardScorer:
     return RewardScorer(RewardConfig(enabled=True, backbone=backbone(ckpt), device="cpu", **kw))
 
 
-def direct_rewards(ckpt: str, image: bytes, captions: list[str], head) -> np.ndarray:
-    """open_clip and the head called directly: the reference for the operator."""
+@functools.lru_cache(maxsize=2)
+def direct_model(ckpt: str):
+    model, _, preprocess = open_clip.create_model_and_transforms(TINY, pretrained=ckpt)
+    return model.eval(), preprocess, open_clip.get_tokenizer(TINY)
+
+
+def direct_embeddings(ckpt: str, image: bytes, captions: list[str]):
+    """open_clip called directly: the L2-normalized image embedding (per caption) and caption embeddings."""
     from PIL import Image
 
-    model, _, preprocess = open_clip.create_model_and_transforms(TINY, pretrained=ckpt)
-    model.eval()
-    tok = open_clip.get_tokenizer(TINY)
+    model, preprocess, tok = direct_model(ckpt)
     with torch.no_grad():
         im = model.encode_image(preprocess(Image.open(io.BytesIO(image)).convert("RGB"))[None])
         tx = model.encode_text(tok(captions))
-        im = torch.nn.functional.normalize(im, dim=-1).expand(len(captions), -1)
-        tx = torch.nn.functional.normalize(tx, dim=-1)
+    im = torch.nn.functional.normalize(im, dim=-1).expand(len(captions), -1)
+    return im, torch.nn.functional.normalize(tx, dim=-1)
+
+
+def direct_rewards(ckpt: str, image: bytes, captions: list[str], head) -> np.ndarray:
+    """open_clip and the head called directly: the reference for the operator."""
+    im, tx = direct_embeddings(ckpt, image, captions)
+    with torch.no_grad():
         return head(torch.cat([im, tx, im * tx], -1)).squeeze(-1).numpy()
+
+
+def direct_clip_scores(ckpt: str, image: bytes, captions: list[str]) -> np.ndarray:
+    im, tx = direct_embeddings(ckpt, image, captions)
+    return (im * tx).sum(-1).numpy()
 
 
 @pytest.fixture(scope="module")
 def trained(backbone_ckpt, tmp_path_factory):
     """A head trained (in-process, no Ray) on the synthetic colour-preference set; saved locally."""
     table = synthetic_preferences(128, seed=0)
-    val = [is_val(split_key(r), 0.25, 0) for r in table.select(["id"]).to_pylist()]
+    val = [is_val(split_key(r), 0.25, 0) for r in table.select(["id", "image"]).to_pylist()]
     train, held_out = table.filter(pa.array([not v for v in val])), table.filter(pa.array(val))
     cfg = TrainRewardConfig(data="-", out="-", backbone=backbone(backbone_ckpt), epochs=60, lr=3e-3, batch_rows=16)
     res = fit(cfg, prefs_from_table(train), prefs_from_table(held_out))
@@ -154,17 +172,42 @@ def test_random_backbone_is_seeded_so_every_actor_agrees():
 
 
 # --- trained checkpoints ------------------------------------------------------------------------------
-def test_trained_head_picks_the_preferred_caption_of_unseen_images(trained, backbone_ckpt):
+def pairwise_accuracy(rows: list[dict], scores: list) -> float:
+    """Share of the strict pairs (rank a < rank b) of ``rows`` that ``scores`` order right; a tie counts half."""
+    right = []
+    for r, s in zip(rows, scores):
+        for a, ra in enumerate(r["ranks"]):
+            for b, rb in enumerate(r["ranks"]):
+                if ra < rb:
+                    right.append(1.0 if s[a] > s[b] else 0.5 if s[a] == s[b] else 0.0)
+    return float(np.mean(right))
+
+
+def test_trained_head_ranks_held_out_captions_better_than_the_clip_score(trained, backbone_ckpt):
+    """Compress & Align ranks an image's captions by reward. Through the scorer and its checkpoint, the
+    trained head must order the held-out pairs with at most half the errors of the CLIP score, which is
+    computed here with open_clip from the same CLIP and is well above chance. That CLIP was trained on
+    exactly the top-1 choice (image vs its preferred caption), so at picking the best caption the head
+    need only keep up with it; both must beat the untrained head."""
     path, res, held_out = trained
-    m = res.metrics
-    assert m["val_accuracy"] >= 0.75 and m["val_accuracy"] >= m["val_accuracy_untrained"] + 0.15, m
     rows = held_out.to_pylist()
     t = batch([r["image"] for r in rows], [r["captions"] for r in rows])
-    out = scorer(backbone_ckpt, head_checkpoint=path)(t).to_pylist()
-    hits = sum(o["best_caption"] == r["captions"][r["ranks"].index(0)] for o, r in zip(out, rows))
-    assert hits >= 0.5 * len(rows), f"preferred caption picked for {hits}/{len(rows)} images (chance: 1/4)"
-    untrained = scorer(backbone_ckpt)(t).to_pylist()
-    assert hits >= sum(o["best_caption"] == r["captions"][r["ranks"].index(0)] for o, r in zip(untrained, rows)) + 5
+    head = [o["reward_scores"] for o in scorer(backbone_ckpt, head_checkpoint=path)(t).to_pylist()]
+    untrained = [o["reward_scores"] for o in scorer(backbone_ckpt)(t).to_pylist()]
+    clip = [direct_clip_scores(backbone_ckpt, r["image"], r["captions"]) for r in rows]
+    acc = {k: pairwise_accuracy(rows, v) for k, v in (("head", head), ("clip", clip), ("untrained", untrained))}
+    picks = {k: sum(int(np.argmax(s)) == r["ranks"].index(0) for r, s in zip(rows, v))
+             for k, v in (("head", head), ("clip", clip), ("untrained", untrained))}
+    n = len(rows)
+    print(f"held-out ({n} images): pairwise accuracy {acc}; preferred caption picked {picks} (chance {n / 4:.0f})")
+    # fit's metrics are these numbers: val_accuracy_backbone is the CLIP score.
+    assert acc["clip"] == pytest.approx(res.metrics["val_accuracy_backbone"], abs=1e-9)
+    assert acc["head"] == pytest.approx(res.metrics["val_accuracy"], abs=1e-9)
+    assert acc["clip"] >= 0.75, f"the CLIP score has too little signal to test against: {acc}"
+    assert 1 - acc["head"] <= 0.5 * (1 - acc["clip"]), acc
+    assert acc["head"] >= acc["untrained"] + 0.15, acc
+    assert picks["head"] >= 0.75 * n and picks["head"] >= picks["clip"] - 1, picks
+    assert picks["head"] >= picks["untrained"] + 0.25 * n, picks
 
 
 def test_checkpoint_round_trips_local_file_url_and_s3(trained, backbone_ckpt, s3_server, s3fs_client):
@@ -259,28 +302,87 @@ def test_resources_declared_by_config_not_probed():
 
 
 # --- BLIP (only where transformers is installed) ----------------------------------------------------------
-def test_blip_backbone_scores_captions(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    from transformers import (BertTokenizer, BlipConfig, BlipForImageTextRetrieval, BlipImageProcessor,
-                              BlipProcessor)
+@pytest.fixture(scope="module")
+def tiny_blip(tmp_path_factory) -> str:
+    """A tiny random BlipForImageTextRetrieval and its processor saved by the test; the vocabulary
+    holds every word of the synthetic captions. BlipVisionConfig's default initializer_range is
+    1e-10, which leaves a random vision tower blind (every image gives the same states): 0.02 here."""
+    pytest.importorskip("transformers")
+    from transformers import BertTokenizer, BlipConfig, BlipForImageTextRetrieval, BlipImageProcessor, BlipProcessor
 
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "cup", "photo", "of"]
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(words) + "\n")
-    tok = BertTokenizer(str(vocab))
-    proc = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok)
+    d = tmp_path_factory.mktemp("blip")
+    words = sorted({w for t in TEMPLATES for w in t.replace("{}", "").split()} | set(COLOURS) | set(OBJECTS)
+                   | {"a", "cup", "photo", "of"})
+    vocab = d / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
+    proc = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+                         tokenizer=BertTokenizer(str(vocab)))
     cfg = BlipConfig(
-        text_config={"vocab_size": len(words), "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+        text_config={"vocab_size": len(words) + 5, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
                      "intermediate_size": 64, "max_position_embeddings": 40, "encoder_hidden_size": 32},
         vision_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
-                       "image_size": 32, "patch_size": 16},
+                       "image_size": 32, "patch_size": 16, "initializer_range": 0.02},
         projection_dim=16, image_text_hidden_size=16)
-    torch.manual_seed(0)
-    BlipForImageTextRetrieval(cfg).save_pretrained(tmp_path / "blip")
-    proc.save_pretrained(tmp_path / "blip")
-    s = RewardScorer(RewardConfig(enabled=True, backbone_type="blip", blip_path=str(tmp_path / "blip"), device="cpu",
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        BlipForImageTextRetrieval(cfg).save_pretrained(d / "model")
+    proc.save_pretrained(d / "model")
+    return str(d / "model")
+
+
+@functools.lru_cache(maxsize=1)
+def blip_loaded(path: str):
+    from transformers import BlipForImageTextRetrieval, BlipProcessor
+
+    return BlipForImageTextRetrieval.from_pretrained(path).eval(), BlipProcessor.from_pretrained(path)
+
+
+def blip_direct(path: str, image: bytes, captions: list[str]):
+    """transformers' own BlipForImageTextRetrieval forward for one image and its captions: the ITM
+    path's [CLS] text state (ImageReward's feature) and the ITC cosine (``use_itm_head=False``)."""
+    from PIL import Image
+
+    model, proc = blip_loaded(path)
+    im = Image.open(io.BytesIO(image)).convert("RGB")
+    inp = proc(images=[im] * len(captions), text=captions, padding=True, return_tensors="pt")
+    args = dict(input_ids=inp.input_ids, attention_mask=inp.attention_mask, pixel_values=inp.pixel_values)
+    with torch.no_grad():
+        cls = model(**args, use_itm_head=True).question_embeds[:, 0, :]
+        itc = model(**args, use_itm_head=False).itm_score.diagonal()  # (images, texts): image k with caption k
+    return cls, itc.numpy()
+
+
+def test_blip_rewards_are_the_head_on_blips_own_itm_features(tiny_blip):
+    caps = [["a red cup", "a blue cup", "a photo of a cup"], ["a photo of a cup"]]
+    imgs = [jpeg(16), jpeg(17)]
+    s = RewardScorer(RewardConfig(enabled=True, backbone_type="blip", blip_path=tiny_blip, device="cpu",
                                   head_hidden=[8]))
-    out = s(batch([jpeg(16), jpeg(17)], [["a red cup", "a blue cup"], ["a photo of a cup"]])).to_pylist()
-    assert len(out[0]["reward_scores"]) == 2 and out[1]["reward"] is not None
-    assert out[0]["best_caption"] == ["a red cup", "a blue cup"][int(np.argmax(out[0]["reward_scores"]))]
-    assert transformers is not None
+    out = s(batch(imgs, caps)).to_pylist()
+    head = build_head(32, [8]).eval()  # the random head's seeded weights, rebuilt here
+    for row, img, cap in zip(out, imgs, caps):
+        cls, _ = blip_direct(tiny_blip, img, cap)
+        with torch.no_grad():
+            want = head(cls).squeeze(-1).numpy()
+        np.testing.assert_allclose(row["reward_scores"], want, rtol=1e-4, atol=1e-5)
+        assert row["best_caption"] == cap[int(np.argmax(want))]
+        assert row["reward"] == pytest.approx(float(want.max()), abs=1e-5)
+    first = out[0]["reward_scores"]
+    assert max(first) - min(first) > 1e-4, f"the reward does not depend on the caption: {first}"
+    assert abs(first[2] - out[1]["reward_scores"][0]) > 1e-5, "the same caption scores the same on two images"
+
+
+def test_blip_baseline_is_its_itc_score_and_is_labelled_so(tiny_blip):
+    table = synthetic_preferences(24, seed=3)
+    prefs = prefs_from_table(table)
+    cfg = TrainRewardConfig(data="-", out="-", backbone_type="blip", blip_path=tiny_blip, head_hidden=[8], epochs=2,
+                            batch_rows=8)
+    res = fit(cfg, prefs, prefs)  # train and evaluate on one set: only the baseline's number matters here
+    rows = table.to_pylist()
+    itc = [blip_direct(tiny_blip, r["image"], r["captions"])[1] for r in rows]
+    assert res.metrics["val_accuracy_backbone"] == pytest.approx(pairwise_accuracy(rows, itc), abs=1e-9)
+    assert res.meta["baseline"] == BASELINES["blip"] and "ITC" in BASELINES["blip"]
+    report = TrainReport(checkpoint="c", ray_checkpoint="r", backbone={"model": "blip-itm"}, head_hidden=[8],
+                         unfreeze_last_blocks=0, num_workers=1, use_gpu=False, metrics=res.metrics, seconds=0.0,
+                         baseline=res.meta["baseline"])
+    line = next(ln for ln in report.text().splitlines() if "backbone alone" in ln)
+    assert "BLIP ITC" in line and "CLIP" not in line.replace("BLIP", ""), line

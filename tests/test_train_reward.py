@@ -1,8 +1,11 @@
-"""jobs/train_reward.py: pairs from rankings with ties, the Bradley-Terry loss, training on a synthetic
-preference set with the tiny random backbone, and one run on Ray Train's TorchTrainer."""
+"""jobs/train_reward.py: pairs from rankings with ties, the Bradley-Terry loss, the held-out split by
+image content, training on a synthetic preference set (on the tiny random backbone, and against
+the CLIP score of a tiny CLIP trained to have signal), and one run on Ray Train's TorchTrainer."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 
@@ -17,20 +20,52 @@ open_clip = pytest.importorskip("open_clip")
 from jobs.train_reward import main  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 from operators.reward_training import (  # noqa: E402
-    TrainRewardConfig, bt_loss, expand_pairs, fit, is_val, prefs_from_table, split_key, synthetic_preferences,
-    tiny_backbone,
+    TrainRewardConfig, _keep_split, bt_loss, expand_pairs, fit, is_val, prefs_from_table, split_key,
+    synthetic_preferences, tiny_backbone,
 )
+from operators.models.reward import BASELINES  # noqa: E402
 from operators.reward import RewardConfig, RewardScorer  # noqa: E402
 
 
 def split(table: pa.Table, fraction: float = 0.25, seed: int = 0):
-    val = [is_val(split_key(r), fraction, seed) for r in table.select(["id"]).to_pylist()]
+    val = [is_val(split_key(r), fraction, seed) for r in table.select(["id", "image"]).to_pylist()]
     return table.filter(pa.array([not v for v in val])), table.filter(pa.array(val))
 
 
 def config(**kw) -> TrainRewardConfig:
     base = dict(data="-", out="-", backbone=tiny_backbone(), epochs=60, lr=3e-3, batch_rows=16)
     return TrainRewardConfig(**{**base, **kw})
+
+
+def clip_with_signal(path, steps: int = 15, seed: int = 0) -> str:
+    """Train the tiny CLIP contrastively (symmetric InfoNCE, image vs its preferred caption) for a
+    few steps on a synthetic set of other images (seed 7) and save it at ``path``: its zero-shot
+    CLIP score then prefers the right caption well above chance (a baseline with signal), though
+    it never saw a colourless caption, so it orders "a ball" against "a blue ball" worse."""
+    from PIL import Image
+
+    open_clip.add_model_config(tiny_backbone().model_config_path)
+    rows = synthetic_preferences(128, seed=7).to_pylist()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model, _, preprocess = open_clip.create_model_and_transforms(tiny_backbone().model, pretrained=None)
+        tok = open_clip.get_tokenizer(tiny_backbone().model)
+        px = torch.stack([preprocess(Image.open(io.BytesIO(r["image"])).convert("RGB")) for r in rows])
+        ids = tok([r["captions"][r["ranks"].index(0)] for r in rows])
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        model.train()
+        for _ in range(steps):
+            k = torch.randperm(len(rows))[:32]
+            im = torch.nn.functional.normalize(model.encode_image(px[k]), dim=-1)
+            tx = torch.nn.functional.normalize(model.encode_text(ids[k]), dim=-1)
+            logits = model.logit_scale.exp() * im @ tx.T
+            same = torch.arange(len(k))
+            loss = (torch.nn.functional.cross_entropy(logits, same) + torch.nn.functional.cross_entropy(logits.T, same))
+            opt.zero_grad()
+            (loss / 2).backward()
+            opt.step()
+    torch.save(model.state_dict(), path)
+    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +77,14 @@ def synthetic():
 def signal_fit(synthetic):
     train, val = synthetic
     return fit(config(), prefs_from_table(train), prefs_from_table(val))
+
+
+@pytest.fixture(scope="module")
+def clip_fit(synthetic, tmp_path_factory):
+    """The head trained on the features of a tiny CLIP whose own score already has signal."""
+    train, val = synthetic
+    clip = tiny_backbone().model_copy(update={"pretrained": clip_with_signal(tmp_path_factory.mktemp("clip") / "c.pt")})
+    return fit(config(backbone=clip), prefs_from_table(train), prefs_from_table(val))
 
 
 # --- rankings -> pairs --------------------------------------------------------------------------------
@@ -86,25 +129,61 @@ def test_bad_rows_are_skipped_and_counted(tmp_path):
     assert prefs_from_table(t, ties="half").counts() == {"rows": 3, "pairs": 3, "ties": 2}
 
 
-def test_split_is_by_row_key_and_deterministic():
+def test_split_is_by_key_hash_and_deterministic():
     keys = [f"img{i}".encode() for i in range(2000)]
     a = [is_val(k, 0.2, 0) for k in keys]
     assert a == [is_val(k, 0.2, 0) for k in keys]
     assert 0.15 < sum(a) / len(a) < 0.25
     assert a != [is_val(k, 0.2, 1) for k in keys]  # the seed changes the split
-    assert split_key({"id": None, "image_uri": "s3://b/x.jpg", "image": b"xx"}) == b"s3://b/x.jpg"
+    sha = hashlib.sha256(b"xx").digest()
+    assert split_key({"id": "a", "image_uri": "s3://b/x.jpg", "image": b"xx"}) == sha  # the content first
+    assert split_key({"id": "a", "image_uri": "s3://b/x.jpg", "image": None}) == b"s3://b/x.jpg"
+    assert split_key({"id": "a", "image": None}) == b"a"
+
+
+def test_one_image_under_other_ids_and_urls_stays_on_one_side():
+    """The same image bytes under 16 ids and URLs: all on one side of the split. Keyed by id or by
+    URL (as before), these rows fall on both sides, and held-out images were seen in training."""
+    base = synthetic_preferences(32, seed=2).to_pylist()
+    copies = [dict(base[0], id=f"copy-{k}") for k in range(16)]
+    rows = [dict(r, image_uri=f"https://host{k % 5}.example/{r['id']}.jpg") for k, r in enumerate(base + copies)]
+    table = pa.Table.from_pylist(rows)
+    train, val = (_keep_split(table, v, 0.5, 0) for v in (False, True))
+    assert train.num_rows + val.num_rows == table.num_rows and 0 < val.num_rows < table.num_rows
+    same = hashlib.sha256(base[0]["image"]).digest()
+    sides = [{hashlib.sha256(b).digest() == same for b in t.column("image").to_pylist()} for t in (train, val)]
+    assert sides in ([{True, False}, {False}], [{False}, {True, False}]), "the copies were split across sides"
+    dup = [r for r in rows if r["image"] == base[0]["image"]]
+    for col in ("id", "image_uri"):  # what the old key would have done: this test tells the two apart
+        assert len({is_val(r[col].encode(), 0.5, 0) for r in dup}) == 2
 
 
 # --- training (in-process, no Ray) -------------------------------------------------------------------------
-def test_training_learns_the_preference_and_beats_the_baselines(signal_fit):
+def test_training_on_random_features_learns_the_preference_and_beats_an_untrained_head(signal_fit):
+    """On the random tiny CLIP, whose own score is at chance: this shows learning, not a better score."""
     res = signal_fit
     m = res.metrics
+    print(f"random backbone: trained {m['val_accuracy']:.3f}, untrained {m['val_accuracy_untrained']:.3f}, "
+          f"its CLIP score {m['val_accuracy_backbone']:.3f} ({m['val_pairs']} held-out pairs)")
     assert m["val_pairs"] >= 100 and m["train_pairs"] >= 300
     assert m["val_accuracy"] >= 0.75, m
     assert m["val_accuracy"] >= m["val_accuracy_untrained"] + 0.15, m
-    assert m["val_accuracy"] >= m["val_accuracy_clip"] + 0.15, m
     assert m["train_loss"] < 0.5
     assert res.meta["reward_std"] > 0 and res.meta["feature_dim"] == 96 and res.backbone_state is None
+    assert res.meta["baseline"] == BASELINES["open_clip"]
+
+
+def test_trained_head_beats_a_clip_score_that_has_signal(clip_fit):
+    """Compress & Align's claim in small: rankings teach what the backbone's own score lacks. The
+    baseline is the CLIP score of a CLIP trained to prefer the right colour (well above chance).
+    Its accuracy varies with the CLIP's seed (0.79-0.92 over seeds 0-5) and caps any fixed margin,
+    so the test asks the head to halve the CLIP score's held-out errors (it cut them to 0-37%)."""
+    m = clip_fit.metrics
+    print(f"CLIP with signal: trained {m['val_accuracy']:.3f}, CLIP score {m['val_accuracy_backbone']:.3f}, "
+          f"untrained head {m['val_accuracy_untrained']:.3f} ({m['val_pairs']} held-out pairs)")
+    assert m["val_accuracy_backbone"] >= 0.75, f"the baseline CLIP has too little signal to test against: {m}"
+    assert 1 - m["val_accuracy"] <= 0.5 * (1 - m["val_accuracy_backbone"]), m
+    assert m["val_accuracy"] >= 0.9, m
 
 
 def test_ties_skipped_or_halved_both_learn(synthetic):
@@ -159,9 +238,11 @@ def test_cli_trains_on_ray_train_and_the_scorer_loads_the_s3_checkpoint(ray_sess
                "--val-fraction", "0.25"])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "trained reward model" in printed and "plain CLIP score" in printed and "RANDOM WEIGHTS" in printed
+    assert "trained reward model" in printed and "RANDOM WEIGHTS" in printed
+    assert "backbone alone" in printed and BASELINES["open_clip"] in printed
     report = json.loads(s3fs_client.cat("imgcurate-train/reward/train_report.json"))
     m = report["metrics"]
+    assert report["baseline"] == BASELINES["open_clip"] and m["val_accuracy_backbone"] is not None
     assert report["num_workers"] == 2 and report["checkpoint"] == "s3://imgcurate-train/reward/reward_head.pt"
     assert m["val_accuracy"] >= 0.75 and m["val_accuracy"] >= m["val_accuracy_untrained"] + 0.15, m
     assert m["train_rows"] + m["val_rows"] >= 127  # the equal split may leave out one training row

@@ -13,6 +13,10 @@ Backbones:
 - ``blip``: a transformers ``BlipForImageTextRetrieval`` saved at a local path; the head sees
   the [CLS] state of BLIP's image-grounded text encoder, exactly ImageReward's feature.
 
+Each backbone's own image-text score (``similarity``) is the baseline a trained head is measured
+against: the CLIP score (cosine of the open_clip embeddings), or BLIP's image-text contrastive
+(ITC) cosine of its projected [CLS] states; ``BASELINES`` names them in reports.
+
 The head checkpoint is a ``torch.save`` of ``{"format", "head", "backbone_state", "meta"}`` at a
 path, ``file://`` or ``s3://``. A head built without one has seeded random weights.
 """
@@ -32,6 +36,8 @@ if TYPE_CHECKING:
 CHECKPOINT_FORMAT = "imgcurate.reward/1"
 FEATURES = {"open_clip": "concat(img, txt, img*txt) of L2-normalized open_clip embeddings",
             "blip": "[CLS] of BLIP's image-grounded text encoder (ImageReward)"}
+BASELINES = {"open_clip": "CLIP score (open_clip image-text cosine)",
+             "blip": "BLIP ITC score (image-text contrastive cosine)"}
 
 
 # --- head -------------------------------------------------------------------------------------
@@ -141,7 +147,7 @@ class OpenClipBackbone:
         return torch.cat([img, txt, img * txt], dim=-1)
 
     def similarity(self, image_state, texts: list[str], owner):
-        """Plain CLIP score (cosine) of each caption with its image: the baseline."""
+        """CLIP score (cosine) of each caption with its image: the baseline (``BASELINES``)."""
         return (image_state[owner] * self._texts(texts)).sum(-1)
 
     def tunable(self, last_blocks: int) -> dict:
@@ -221,7 +227,8 @@ class BlipBackbone:
         return out[0][:, 0, :].float()
 
     def similarity(self, image_state, texts: list[str], owner):
-        """BLIP's image-text contrastive cosine: the baseline."""
+        """BLIP's image-text contrastive (ITC) cosine, as ``BlipForImageTextRetrieval(use_itm_head=False)``
+        computes it: the baseline (``BASELINES``). Not the ITM head's match logit."""
         import torch.nn.functional as F
 
         ids, mask = self._tokens(texts)
