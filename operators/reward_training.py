@@ -563,7 +563,7 @@ class TrainReport:
             f"held-out pairwise accuracy ({m.get('val_pairs', 0)} pairs of unseen images; chance 0.5):",
             f"  trained reward model   {f(m.get('val_accuracy'))}",
             f"  untrained head         {f(m.get('val_accuracy_untrained'))}",
-            f"  backbone alone         {f(m.get('val_accuracy_backbone'))}   ({self.baseline})",
+            f"  {self.baseline:<22} {f(m.get('val_accuracy_backbone'))}   (the backbone alone: its image-text cosine)",
             f"held-out tied pairs, mean |reward gap| (raw): trained {f(m.get('val_tie_margin'))}, "
             f"untrained {f(m.get('val_tie_margin_untrained'))}",
             f"checkpoint: {self.checkpoint}   (reward.head_checkpoint: {self.checkpoint})",

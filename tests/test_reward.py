@@ -384,5 +384,5 @@ def test_blip_baseline_is_its_itc_score_and_is_labelled_so(tiny_blip):
     report = TrainReport(checkpoint="c", ray_checkpoint="r", backbone={"model": "blip-itm"}, head_hidden=[8],
                          unfreeze_last_blocks=0, num_workers=1, use_gpu=False, metrics=res.metrics, seconds=0.0,
                          baseline=res.meta["baseline"])
-    line = next(ln for ln in report.text().splitlines() if "backbone alone" in ln)
+    line = next(ln for ln in report.text().splitlines() if "the backbone alone" in ln)
     assert "BLIP ITC" in line and "CLIP" not in line.replace("BLIP", ""), line

@@ -239,7 +239,7 @@ def test_cli_trains_on_ray_train_and_the_scorer_loads_the_s3_checkpoint(ray_sess
     assert rc == 0
     printed = capsys.readouterr().out
     assert "trained reward model" in printed and "RANDOM WEIGHTS" in printed
-    assert "backbone alone" in printed and BASELINES["open_clip"] in printed
+    assert f"  {BASELINES['open_clip']} " in printed and "the backbone alone" in printed
     report = json.loads(s3fs_client.cat("imgcurate-train/reward/train_report.json"))
     m = report["metrics"]
     assert report["baseline"] == BASELINES["open_clip"] and m["val_accuracy_backbone"] is not None

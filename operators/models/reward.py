@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 CHECKPOINT_FORMAT = "imgcurate.reward/1"
 FEATURES = {"open_clip": "concat(img, txt, img*txt) of L2-normalized open_clip embeddings",
             "blip": "[CLS] of BLIP's image-grounded text encoder (ImageReward)"}
-BASELINES = {"open_clip": "CLIP score (open_clip image-text cosine)",
-             "blip": "BLIP ITC score (image-text contrastive cosine)"}
+# The name of each backbone's own image-text score in reports (``similarity``, the baseline).
+BASELINES = {"open_clip": "CLIP score", "blip": "BLIP ITC score"}
 
 
 # --- head -------------------------------------------------------------------------------------
