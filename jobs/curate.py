@@ -21,7 +21,7 @@ import ray
 from jobs.config import ConfigError, JobConfig, load_config
 from jobs.plan import pack_shards, run_plan, waves_of
 from jobs.sizing import PipelinePlan, StageNeed, fit_pipeline
-from jobs.select import run_selection
+from jobs.phase2 import run_phase2
 from jobs.stages import describe, model_stages, models_of, recaption_cache_root
 from operators.download import HttpDownloader
 from operators.images import ImageProcessor
@@ -315,7 +315,7 @@ def run(cfg: JobConfig) -> dict:
             marker = run_wave(cfg, i, buckets)
         markers.append(marker)
     t_sel = time.time()
-    phase2 = run_selection(cfg.selection, [f for m in markers for f in m["files"]], cfg.output.path, cfg.storage)
+    phase2 = run_phase2(cfg, [f for m in markers for f in m["files"]])
     timings = {"plan_s": round(t_plan, 3), "total_s": round(time.time() - t0, 3),
                "phase1_s": round(sum(m["seconds"] for m in markers), 3), "selection_s": round(time.time() - t_sel, 3)}
     manifest = manifest_of(cfg, plan, markers, resumed, phase2, timings)
@@ -346,17 +346,18 @@ def manifest_of(cfg: JobConfig, plan: dict, markers: list[dict], resumed: int, p
         "waves": [{"wave": m["wave"], "samples": m["samples"], "seconds": m["seconds"], "files": m["files"]}
                   for m in markers],
         "waves_resumed": resumed,
-        "selections": phase2.get("steps", {}),
+        "phase2": phase2.get("steps", {}),
         "data_files": [f for m in markers for f in m["files"]],
         "timings": timings,
         "finished": time.time(),
     }
     manifest["final"] = phase2.get("final") or {"kept": manifest["kept"], "outcomes": manifest["outcomes"],
                                                 "sidecars": None, "order": []}
-    selections = manifest["selections"]
-    if "reward_top_fraction" in selections:  # Compress & Align's figure: how much of the run was removed
+    steps = manifest["phase2"]
+    if "selection.reward_top_fraction" in steps:  # Compress & Align's figure: how much of the run was removed
         kept = manifest["final"]["kept"]
-        manifest["compression"] = {"samples": plan["samples"], "scored": selections["reward_top_fraction"]["scored"],
+        manifest["compression"] = {"samples": plan["samples"],
+                                   "scored": steps["selection.reward_top_fraction"]["scored"],
                                    "kept": kept,
                                    "kept_fraction": kept / max(plan["samples"], 1),
                                    "compression_ratio": 1 - kept / max(plan["samples"], 1)}
@@ -392,9 +393,12 @@ def summary_table(manifest: dict) -> str:
         d = manifest["download"]
         lines.append(f"download: {d['mean_open_requests']:.1f} open requests per actor on average while it had work, "
                      f"of download.concurrency {d['concurrency']} ({d['occupancy']:.0%})")
-    for name, sel in (manifest.get("selections") or {}).items():
-        lines.append(f"phase 2, step {sel['order']} {name}: top {sel['fraction']:g} of {sel['scored']} scored "
-                     f"samples still kept, threshold {sel['threshold']:.4f}, {sel['entering']} -> {sel['kept']} kept")
+    for name, step in (manifest.get("phase2") or {}).items():
+        detail = (f", top {step['fraction']:g} of {step['scored']} scored, threshold {step['threshold']:.4f}"
+                  if "threshold" in step and step["threshold"] is not None else "")
+        merged = f", {step['merged']} captions merged" if step.get("merged") else ""
+        lines.append(f"phase 2, step {step['order']} {name}: {step['entering']} -> {step['kept']} kept "
+                     f"({step['dropped']} dropped{merged}{detail})")
     final = manifest.get("final") or {}
     if final.get("sidecars"):
         lines.append(f"final: {final['kept']} of {manifest['samples']} samples kept "

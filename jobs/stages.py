@@ -55,7 +55,7 @@ class Stage:
     """One stage of the job.
 
     ``section``: its config section (a ``config`` instance), also the ``drop_stage`` prefix of its
-    drops; ``operator``: the class that runs it (None for phase-2 steps run by jobs/select.py, which
+    drops; ``operator``: the class that runs it (None for phase-2 steps run by jobs/phase2.py, which
     declare ``reads``/``reasons`` here); ``kwargs``: extra constructor arguments from the job
     config; ``report``: what the manifest says about its models; ``requires``: cross-section
     errors (``(key, message)``) beyond the column chain; ``warnings``: cross-section doubts that do

@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
 from operators.base import DROPPED, DropReason
+from operators.phase2 import Phase2Step, StepResult, drops
 
 BINS = 1 << 16
 TOP_FRACTION_REASON = DropReason("{column}_not_top_{fraction}", DROPPED,
@@ -39,7 +40,7 @@ TOP_FRACTION_REASON = DropReason("{column}_not_top_{fraction}", DROPPED,
 
 class SelectionConfig(BaseModel):
     """Phase-2 selections (``selection:`` in the job config). They apply in the order listed here,
-    each over what the previous kept (jobs/select.py); a sample's final status names the first
+    each over what the previous kept (jobs/phase2.py); a sample's final status names the first
     that dropped it."""
 
     model_config = ConfigDict(extra="forbid")
@@ -153,14 +154,79 @@ def apply_threshold(table: pa.Table, column: str, threshold: float, stage: str, 
     """Final status of each row: kept rows below the threshold (or without a score) are dropped."""
     from operators.base import KEPT, mark
 
-    scores = table.column(column).to_pylist()
-    status = table.column("status").to_pylist()
-    outcomes = []
-    for s, st in zip(scores, status):
-        if st != KEPT:
-            outcomes.append(None)
-        elif s is None or not math.isfinite(s) or s < threshold:
-            outcomes.append((DROPPED, reason, f"{column} {s} < {threshold:.6g}" if s is not None else f"no {column}"))
-        else:
-            outcomes.append(None)
+    kept = pc.equal(table.column("status"), KEPT).to_pylist()
+    rows = [k for k, v in enumerate(kept) if v]
+    idx, msgs = _below(table.take(pa.array(rows, pa.int64())), column, threshold)
+    outcomes: list = [None] * table.num_rows
+    for j, m in zip(idx, msgs):
+        outcomes[rows[j]] = (DROPPED, reason, m)
     return mark(table, stage, outcomes)
+
+
+# --- the phase-2 step ---------------------------------------------------------------------------
+def _below(table: pa.Table, column: str, threshold: float) -> tuple[list[int], list[str]]:
+    """Rows of ``table`` (all kept) outside the top: below the threshold, or without a finite score."""
+    idx, msgs = [], []
+    for k, s in enumerate(table.column(column).to_pylist()):
+        if s is None or not math.isfinite(s):
+            idx.append(k)
+            msgs.append(f"no {column}")
+        elif s < threshold:
+            idx.append(k)
+            msgs.append(f"{column} {s} < {threshold:.6g}")
+    return idx, msgs
+
+
+def _bins(table: pa.Table, column: str, high: int | None) -> pa.Table:
+    """Non-empty histogram bins of the finite scores in ``table``: pass 1 (``high`` None) counts the
+    high 16 bits of the keys, pass 2 the low 16 bits inside high bucket ``high``."""
+    vals = pc.drop_null(table.column(column)).to_numpy(zero_copy_only=False).astype(np.float32)
+    keys = sortable_keys(vals[np.isfinite(vals)])
+    if high is None:
+        keys = keys >> np.uint32(16)
+    else:
+        keys = keys[(keys >> np.uint32(16)) == np.uint32(high)] & np.uint32(0xFFFF)
+    bins, counts = np.unique(keys, return_counts=True)
+    return pa.table({"bin": pa.array(bins.astype(np.int64)), "n": pa.array(counts.astype(np.int64))})
+
+
+class TopFractionStep(Phase2Step):
+    """Phase-2 step: keep the top ``fraction`` by ``column`` of the samples still kept. The two
+    histogram passes are merged by Ray Data's ``groupby("bin").sum`` (at most 65,536 rows reach the
+    driver), then every kept row below the exact threshold, or without a score, is dropped."""
+
+    stage = "selection"
+    reasons = (TOP_FRACTION_REASON,)
+
+    def __init__(self, key: str, column: str, fraction: float):
+        self.name = f"selection.{key}"
+        self.column = column
+        self.fraction = fraction
+
+    def reads(self) -> tuple[str, ...]:
+        return (self.column,)
+
+    def run(self, ctx):
+        col = self.column
+
+        def hist(high: int | None) -> np.ndarray:
+            ds = ctx.alive([col]).map_batches(lambda t: _bins(t, col, high), batch_format="pyarrow")
+            out = np.zeros(BINS, np.int64)
+            for row in ds.groupby("bin").sum("n").take_all():
+                out[int(row["bin"])] = int(row["sum(n)"])
+            return out
+
+        cut = exact_top_threshold(self.fraction, lambda: hist(None), lambda high: hist(high))
+        reason = TOP_FRACTION_REASON.format(column=col, fraction=self.fraction)
+        threshold = cut.threshold
+
+        def decide(t: pa.Table) -> pa.Table:
+            idx, msgs = _below(t, col, threshold)
+            sel = pa.array(idx, pa.int64())
+            return drops(t.column("_file").take(sel).to_pylist(), t.column("sample_id").take(sel).to_pylist(),
+                         reason, msgs)
+
+        decisions = ctx.alive([col]).map_batches(decide, batch_format="pyarrow")
+        report = {"column": col, "fraction": self.fraction, "scored": cut.n, "target_kept": cut.k,
+                  "threshold": threshold}
+        return StepResult(report, decisions)

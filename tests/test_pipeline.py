@@ -112,7 +112,7 @@ def test_clip_top_fraction_over_the_whole_run(ray_session, image_server, tmp_pat
     cfg = job_config(urls, str(tmp_path / "out"), selection={"clip_top_fraction": 0.3},
                      plan={"num_buckets": 4, "shard_rows": 8})
     manifest = curate.run(cfg)
-    sel = manifest["selections"]["clip_top_fraction"]
+    sel = manifest["phase2"]["selection.clip_top_fraction"]
     data = pq.read_table(str(tmp_path / "out" / "data"))
     side = pq.read_table(str(tmp_path / "out" / "final"))
     assert sorted(side.column("sample_id").to_pylist()) == sorted(data.column("sample_id").to_pylist())
@@ -126,7 +126,7 @@ def test_clip_top_fraction_over_the_whole_run(ray_session, image_server, tmp_pat
     passed_clip = sum(r is None or r.startswith("reward_not_top_") for r in reasons)
     assert passed_clip == sel["kept"] == sum(s >= want for s in scores)
     assert reasons.count(None) == manifest["final"]["kept"]
-    assert manifest["final"]["kept"] < sel["kept"] == manifest["selections"]["reward_top_fraction"]["entering"]
+    assert manifest["final"]["kept"] < sel["kept"] == manifest["phase2"]["selection.reward_top_fraction"]["entering"]
     assert manifest["models"]["clip"]["random_weights"] is True
 
 

@@ -134,12 +134,15 @@ def test_selections_chain_into_one_final_status(ray_session, tmp_path):
 
     import pyarrow.parquet as pq
 
-    from jobs.select import run_selection
+    from types import SimpleNamespace
+
+    from jobs.phase2 import run_steps, steps_of
     from operators.selection import SelectionConfig
 
     files = _phase1_files(tmp_path)
-    out = run_selection(SelectionConfig(clip_top_fraction=0.5, reward_top_fraction=0.25), files, str(tmp_path))
-    clip, reward = out["steps"]["clip_top_fraction"], out["steps"]["reward_top_fraction"]
+    cfg = SimpleNamespace(selection=SelectionConfig(clip_top_fraction=0.5, reward_top_fraction=0.25))
+    out = run_steps(steps_of(cfg), files, str(tmp_path))
+    clip, reward = out["steps"]["selection.clip_top_fraction"], out["steps"]["selection.reward_top_fraction"]
     # clip: top 20 of 40; reward: over the 20 survivors, 18 scored, ceil(0.25 * 18) = 5
     assert (clip["order"], clip["entering"], clip["scored"], clip["target_kept"], clip["kept"]) == (1, 40, 40, 20, 20)
     assert (reward["order"], reward["entering"], reward["scored"], reward["target_kept"], reward["kept"]) == \
@@ -159,16 +162,20 @@ def test_selections_chain_into_one_final_status(ray_session, tmp_path):
     assert side["s39"]["error_message"] == "no reward"
     assert all(side[f"d{j}"]["drop_reason"] == "http_404" for j in range(4))  # phase-1 drops untouched
     final = json.loads((tmp_path / "final" / "_FINAL.json").read_text())
-    assert final["final"]["kept"] == 5 and final["final"]["order"] == ["clip_top_fraction", "reward_top_fraction"]
+    assert final["final"]["kept"] == 5 and final["final"]["order"] == ["selection.clip_top_fraction",
+                                                                        "selection.reward_top_fraction"]
     assert final["final"]["outcomes"] == {"kept": 5, "dropped/download/http_404": 4,
                                           "dropped/selection/clip_score_not_top_0.5": 20,
                                           "dropped/selection/reward_not_top_0.25": 15}
 
 
 def test_no_selection_writes_nothing(ray_session, tmp_path):
-    from jobs.select import run_selection
+    from types import SimpleNamespace
+
+    from jobs.phase2 import run_phase2
     from operators.selection import SelectionConfig
 
     files = _phase1_files(tmp_path)
-    assert run_selection(SelectionConfig(), files, str(tmp_path)) == {}
+    cfg = SimpleNamespace(selection=SelectionConfig(), output=SimpleNamespace(path=str(tmp_path)), storage=None)
+    assert run_phase2(cfg, files) == {}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
