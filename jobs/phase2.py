@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 import ray
 
 from operators.base import KEPT, STATUS_COLUMNS, count_outcomes, set_columns
-from operators.phase2 import DUPLICATE_OF, FILE_COLUMN, Phase2Step, StepResult
+from operators.phase2 import DECISION_SCHEMA, DUPLICATE_OF, FILE_COLUMN, MERGED_COLUMNS, Phase2Step, StepResult
 from operators.storage import StorageConfig, arrow_fs, join, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -44,9 +44,12 @@ WORK_DIR = "_phase2"
 SIDE_COLUMNS = ["sample_id", *STATUS_COLUMNS]
 SIDECAR_SCHEMA = pa.schema([("sample_id", pa.string()), ("status", pa.string()), ("drop_stage", pa.string()),
                             ("drop_reason", pa.string()), ("error_message", pa.string()),
-                            (DUPLICATE_OF, pa.string()), ("captions", pa.list_(pa.string())),
-                            ("caption_sources", pa.list_(pa.string()))])
-MERGED = ("captions", "caption_sources")
+                            (DUPLICATE_OF, pa.string()),
+                            *[DECISION_SCHEMA.field(c) for c in MERGED_COLUMNS]])
+MERGED = MERGED_COLUMNS
+# A sample's score is the best of its captions' (phase 1's clip_score / reward): after a merge, of
+# the merged captions'.
+BEST_OF = {"clip_score": "clip_scores", "reward": "reward_scores"}
 
 
 def steps_of(cfg) -> list[Phase2Step]:
@@ -68,8 +71,16 @@ def _selection_step(column_key: str) -> Callable:
     return build
 
 
-# (name, builder from the job config -> step or None). Dedup and coreset join as their modules land.
+def _dedup_step(kind: str) -> Callable:
+    def build(cfg):
+        dedup = getattr(cfg, "dedup", None)
+        return None if dedup is None else next((s for s in dedup.steps() if s.name == f"dedup.{kind}"), None)
+    return build
+
+
+# (name, builder from the job config -> step or None). The coreset joins as its module lands.
 ORDER: tuple[tuple[str, Callable], ...] = (
+    ("dedup.exact", _dedup_step("exact")),
     ("selection.clip_top_fraction", _selection_step("clip_top_fraction")),
     ("selection.reward_top_fraction", _selection_step("reward_top_fraction")),
 )
@@ -93,6 +104,13 @@ class Phase2Context:
     @property
     def num_files(self) -> int:
         return len(self.files)
+
+    def data_columns(self) -> list[str]:
+        """The columns of the run's data files (from the first file's schema)."""
+        if not self.files:
+            return []
+        fs, _ = arrow_fs(self.output_path, self.storage)
+        return list(pq.read_schema(self.files[0], filesystem=fs).names)
 
     def sidecar(self, i: int) -> str:
         return join(self.sidecar_dir, posixpath.basename(self.files[i]))
@@ -145,6 +163,12 @@ def _alive_rows(i: int, path: str, sidecar: str, columns: list[str], root: str, 
         if c in MERGED:  # a merge by an earlier step wins over the data file's
             typ = side.schema.field(c).type
             cols[c] = pc.if_else(pc.is_valid(side.column(c)), side.column(c), data.column(c).cast(typ))
+        elif c in BEST_OF and side.column(BEST_OF[c]).null_count < side.num_rows:
+            # a merge gave the sample more scored captions: its score is the best of them
+            best = [max((x for x in v if x is not None), default=None) if v else None
+                    for v in side.column(BEST_OF[c]).to_pylist()]
+            cols[c] = pc.if_else(pc.is_valid(side.column(BEST_OF[c])), pa.array(best, pa.float32()),
+                                 data.column(c).cast(pa.float32()))
         else:
             cols[c] = data.column(c)
     return pa.table(cols).filter(pc.equal(side.column("status"), KEPT))
@@ -155,8 +179,7 @@ def _init_sidecar(i: int, path: str, sidecar: str, root: str, storage) -> dict:
     n = data.num_rows
     table = pa.table({**{c: data.column(c) for c in SIDE_COLUMNS},
                       DUPLICATE_OF: pa.nulls(n, pa.string()),
-                      "captions": pa.nulls(n, pa.list_(pa.string())),
-                      "caption_sources": pa.nulls(n, pa.list_(pa.string()))}, schema=SIDECAR_SCHEMA)
+                      **{c: pa.nulls(n, SIDECAR_SCHEMA.field(c).type) for c in MERGED}}, schema=SIDECAR_SCHEMA)
     _write_sidecar(table, sidecar, storage)
     return count_outcomes(table)
 
@@ -177,7 +200,8 @@ def _apply_to_sidecar(group: pa.Table, sidecars: list[str], stage: str, storage)
         if status[k] != KEPT:
             continue  # an earlier step dropped it first
         if d["status"] == KEPT:
-            cols["captions"][k], cols["caption_sources"][k] = d["captions"], d["caption_sources"]
+            for c in MERGED:
+                cols[c][k] = d[c]
             merged += 1
             continue
         status[k] = d["status"]

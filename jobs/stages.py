@@ -22,6 +22,8 @@ from pydantic import BaseModel
 from operators.base import Columns, DropReason, Operator, Resources
 from operators.clip import ClipConfig, ClipEmbedder, calibration_warning
 from operators.clip import model_report as clip_report
+from operators.dedup import REASONS as DEDUP_REASONS
+from operators.dedup import DedupConfig
 from operators.download import DownloadConfig, HttpDownloader
 from operators.images import ImageConfig, ImageProcessor
 from operators.recaption import RecaptionConfig, Recaptioner
@@ -177,6 +179,10 @@ def _safety_models(cfg) -> dict:
     return {f"safety.{k}": v for k, v in safety_report(cfg.safety, cfg.clip).items()}
 
 
+def _dedup_reads(cfg) -> tuple[str, ...]:
+    return cfg.dedup.reads()
+
+
 def _selection_reads(cfg) -> tuple[str, ...]:
     return tuple(column for column, _ in cfg.selection.fractions().values())
 
@@ -200,6 +206,10 @@ STAGES: tuple[Stage, ...] = (
     Stage("reward", RewardConfig, RewardScorer, ACTOR_POOL, kwargs=lambda cfg: {"clip": cfg.clip},
           report=lambda cfg: {"reward": reward_report(cfg.reward, cfg.clip)}, requires=_reward_requires,
           local_files=_reward_files, writer_hint="reward.enabled: true"),
+    # Phase 2, in the order jobs/phase2.py runs the steps: dedup first (copies take no places in a
+    # top fraction), then the selections.
+    Stage("dedup", DedupConfig, None, PHASE2, reads=_dedup_reads, reasons=DEDUP_REASONS,
+          writer_hint="the images stage (always on)"),
     Stage("selection", SelectionConfig, None, PHASE2, reads=_selection_reads, reasons=(TOP_FRACTION_REASON,)),
 )
 

@@ -11,8 +11,9 @@ rows in ``DECISION_SCHEMA``, one per sample it changes:
 
 - a drop: ``status`` ``dropped``, ``drop_reason`` one of the step's declared reasons,
   ``error_message`` a short human reason, ``duplicate_of`` the kept twin's ``sample_id`` (dedup);
-- a caption merge: ``status`` ``kept`` with ``captions`` / ``caption_sources`` replacing the
-  sample's (exact dedup gives the kept sample its duplicates' alt-texts).
+- a caption merge: ``status`` ``kept`` with ``captions`` / ``caption_sources`` (and the per-caption
+  ``clip_scores`` / ``reward_scores`` where known) replacing the sample's (exact dedup gives the
+  kept sample its duplicates' alt-texts).
 
 The framework routes the decisions to the data files they concern (``groupby("_file")``) and
 updates that file's sidecar (``<output>/final/<basename>``), which is row-aligned with the data
@@ -47,7 +48,12 @@ DECISION_SCHEMA = pa.schema([
     (DUPLICATE_OF, pa.string()),
     ("captions", pa.list_(pa.string())),
     ("caption_sources", pa.list_(pa.string())),
+    ("clip_scores", pa.list_(pa.float32())),
+    ("reward_scores", pa.list_(pa.float32())),
 ])
+# Per-caption columns a merge replaces (aligned with ``captions``): the scores of a caption on an
+# image do not depend on which copy of the image it was scored on, so a merged caption keeps its score.
+MERGED_COLUMNS = ("captions", "caption_sources", "clip_scores", "reward_scores")
 
 
 @dataclass
@@ -86,15 +92,16 @@ def drops(files: Sequence[int], sample_ids: Sequence[str], reason: str, messages
         "drop_reason": pa.array([reason] * n, pa.string()),
         "error_message": pa.array(msgs, pa.string()),
         DUPLICATE_OF: pa.array(duplicate_of if duplicate_of is not None else [None] * n, pa.string()),
-        "captions": pa.array([None] * n, pa.list_(pa.string())),
-        "caption_sources": pa.array([None] * n, pa.list_(pa.string())),
+        **{c: pa.nulls(n, DECISION_SCHEMA.field(c).type) for c in MERGED_COLUMNS},
     }, schema=DECISION_SCHEMA)
 
 
 def merges(files: Sequence[int], sample_ids: Sequence[str], captions: Sequence[list],
-           caption_sources: Sequence[list]) -> pa.Table:
-    """Decision rows replacing kept samples' captions (and their sources, aligned)."""
+           caption_sources: Sequence[list], scores: dict[str, Sequence[list | None]] | None = None) -> pa.Table:
+    """Decision rows replacing kept samples' captions (and their sources and ``scores`` by column,
+    ``clip_scores`` / ``reward_scores``, aligned with them)."""
     n = len(sample_ids)
+    scores = scores or {}
     return pa.table({
         FILE_COLUMN: pa.array(files, pa.int32()),
         "sample_id": pa.array(sample_ids, pa.string()),
@@ -104,6 +111,8 @@ def merges(files: Sequence[int], sample_ids: Sequence[str], captions: Sequence[l
         DUPLICATE_OF: pa.array([None] * n, pa.string()),
         "captions": pa.array(list(captions), pa.list_(pa.string())),
         "caption_sources": pa.array(list(caption_sources), pa.list_(pa.string())),
+        **{c: pa.array(list(scores[c]) if c in scores else [None] * n, pa.list_(pa.float32()))
+           for c in ("clip_scores", "reward_scores")},
     }, schema=DECISION_SCHEMA)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import pyarrow as pa
+import pytest
 import pyarrow.parquet as pq
 
 from operators.dedup.exact import merge_captions
@@ -35,8 +36,12 @@ def _files(root, groups):
 
 
 def test_merge_captions_keeps_order_once_each_and_caps():
-    caps, srcs = merge_captions([(["a", "b"], ["x", None]), (["b", "c"], None), (["d"], ["y"])], 3)
-    assert caps == ["a", "b", "c"] and srcs == ["x", None, None]
+    caps, srcs, scores = merge_captions([(["a", "b"], ["x", None]), (["b", "c"], None), (["d"], ["y"])], 3,
+                                        [{"reward_scores": [0.1, 0.2]}, {"reward_scores": [0.2, 0.3]},
+                                         {"reward_scores": [0.4]}])
+    assert caps == ["a", "b", "c"] and srcs == ["x", None, None] and scores == {"reward_scores": [0.1, 0.2, 0.3]}
+    _, _, partial = merge_captions([(["a"], None), (["b"], None)], 3, [{"clip_scores": [0.1]}, {"clip_scores": None}])
+    assert partial == {}  # a copy without scores: the merged list carries none
 
 
 def test_copies_drop_to_the_smallest_id_and_merge_their_alt_texts(ray_session, tmp_path):
@@ -84,3 +89,29 @@ def test_partitioning_does_not_change_the_result(ray_session, tmp_path):
     kept = [r for r in results[0] if r[1] == "kept"]
     assert len(kept) == 13 and all(len(r[3]) == min(16, len([i for i in range(120) if i % 13 == int(r[0][1:]) % 13]))
                                    for r in kept)
+
+
+def test_merged_captions_keep_their_scores_and_a_later_top_fraction_ranks_by_the_best(ray_session, tmp_path):
+    from jobs.phase2 import run_steps
+    from operators.dedup.exact import ExactDedupStep
+    from operators.selection import TopFractionStep
+
+    schema = SCHEMA.append(pa.field("reward_scores", pa.list_(pa.float32()))).append(pa.field("reward", pa.float32()))
+    a = _sha("image a")
+    rows = [dict(_row("s1", a, ["weak alt"]), reward_scores=[0.1], reward=0.1),
+            dict(_row("s2", a, ["strong alt"]), reward_scores=[0.9], reward=0.9),
+            dict(_row("s3", _sha("image b"), ["middling"]), reward_scores=[0.5], reward=0.5)]
+    (tmp_path / "data").mkdir()
+    files = []
+    for f, part in enumerate((rows[:1], rows[1:])):
+        path = str(tmp_path / "data" / f"part-{f}.parquet")
+        pq.write_table(pa.Table.from_pylist(part, schema), path)
+        files.append(path)
+    out = run_steps([ExactDedupStep(), TopFractionStep("reward_top_fraction", "reward", 0.5)], files, str(tmp_path))
+    side = {r["sample_id"]: r for r in pq.read_table(str(tmp_path / "final")).to_pylist()}
+    assert side["s1"]["captions"] == ["weak alt", "strong alt"]
+    assert side["s1"]["reward_scores"] == [pytest.approx(0.1), pytest.approx(0.9)]
+    # s1 now holds the 0.9 caption: it, not s3 (0.5), is the top half of the two samples left
+    assert out["steps"]["selection.reward_top_fraction"]["threshold"] == pytest.approx(0.9)
+    assert side["s1"]["status"] == "kept" and side["s3"]["drop_reason"] == "reward_not_top_0.5"
+    assert side["s2"]["duplicate_of"] == "s1"

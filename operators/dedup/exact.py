@@ -2,8 +2,10 @@
 
 Many URLs of one image are many alt-texts of it (LAION's pool holds the same stock photo under
 thousands of URLs), so the kept sample gets its twins' captions: its own first, then the twins'
-in ``sample_id`` order, each distinct caption once, at most ``dedup.max_captions``; the reward
-model then ranks them all. Which sample is kept: the smallest ``sample_id`` (a hash of the URL,
+in ``sample_id`` order, each distinct caption once, at most ``dedup.max_captions``. Their
+per-caption ``clip_scores`` / ``reward_scores`` come along (phase 1 scored each copy's captions
+on the same image bytes, so the scores are the ones the model would give the merged list), and
+the snapshot's best caption is then the best of them all. Which sample is kept: the smallest ``sample_id`` (a hash of the URL,
 so the choice does not depend on crawl order, waves or partitioning). The others are dropped
 with ``exact_duplicate`` and ``duplicate_of`` = the kept sample.
 
@@ -33,26 +35,32 @@ def partition_of(sha256: pa.Array, partitions: int) -> pa.Array:
     return pa.array([int(p, 16) % partitions for p in prefix], pa.int32())
 
 
-def merge_captions(groups: list[tuple[list | None, list | None]], max_captions: int) -> tuple[list, list]:
-    """Captions (and their sources, aligned) of one image from its copies, kept sample first:
-    each distinct caption once, at most ``max_captions``."""
+def merge_captions(groups: list[tuple[list | None, list | None]], max_captions: int,
+                   scores: list[dict[str, list | None]] | None = None) -> tuple[list, list, dict[str, list]]:
+    """Captions of one image from its copies, kept sample first: each distinct caption once, at most
+    ``max_captions``; their sources and per-caption scores (by column) stay aligned. A score list
+    is carried only when every copy has it."""
     caps: list = []
     srcs: list = []
     seen: set = set()
-    for captions, sources in groups:
+    cols = [c for c in (scores[0] if scores else {}) if all(s.get(c) is not None for s in scores)]
+    out_scores: dict[str, list] = {c: [] for c in cols}
+    for g, (captions, sources) in enumerate(groups):
         captions = list(captions or [])
-        sources = list(sources or [])
-        sources = (sources + [None] * len(captions))[:len(captions)]
-        for c, s in zip(captions, sources):
+        sources = (list(sources or []) + [None] * len(captions))[:len(captions)]
+        for j, (c, s) in enumerate(zip(captions, sources)):
             if c is None or c in seen or len(caps) >= max_captions:
                 continue
             seen.add(c)
             caps.append(c)
             srcs.append(s)
-    return caps, srcs
+            for col in cols:
+                vals = scores[g][col]
+                out_scores[col].append(vals[j] if j < len(vals) else None)
+    return caps, srcs, out_scores
 
 
-def resolve_exact(table: pa.Table, merge: bool, max_captions: int) -> pa.Table:
+def resolve_exact(table: pa.Table, merge: bool, max_captions: int, score_columns: tuple[str, ...] = ()) -> pa.Table:
     """Decisions for one partition: every sha256 with several samples keeps the smallest sample_id."""
     if table.num_rows == 0:
         return drops([], [], EXACT_DUPLICATE.name, None)
@@ -65,8 +73,10 @@ def resolve_exact(table: pa.Table, merge: bool, max_captions: int) -> pa.Table:
     files = t.column(FILE_COLUMN).to_pylist()
     captions = t.column("captions").to_pylist() if merge else None
     sources = t.column("caption_sources").to_pylist() if merge else None
+    score_lists = {c: t.column(c).to_pylist() for c in score_columns} if merge else {}
     d_files, d_ids, d_twins = [], [], []
     m_files, m_ids, m_caps, m_srcs = [], [], [], []
+    m_scores: dict[str, list] = {c: [] for c in score_lists}
     for a, b in zip(starts, ends):
         if b - a < 2:
             continue
@@ -74,16 +84,19 @@ def resolve_exact(table: pa.Table, merge: bool, max_captions: int) -> pa.Table:
         d_ids += ids[a + 1:b]
         d_twins += [ids[a]] * (b - a - 1)
         if merge:
-            caps, srcs = merge_captions([(captions[k], sources[k]) for k in range(a, b)], max_captions)
+            caps, srcs, scores = merge_captions([(captions[k], sources[k]) for k in range(a, b)], max_captions,
+                                                [{c: v[k] for c, v in score_lists.items()} for k in range(a, b)])
             if caps != list(captions[a] or []):
                 m_files.append(files[a])
                 m_ids.append(ids[a])
                 m_caps.append(caps)
                 m_srcs.append(srcs)
+                for c in m_scores:
+                    m_scores[c].append(scores.get(c))
     msgs = [f"same sha256 as {twin}" for twin in d_twins]
     out = drops(d_files, d_ids, EXACT_DUPLICATE.name, msgs, d_twins)
     if m_ids:
-        out = pa.concat_tables([out, merges(m_files, m_ids, m_caps, m_srcs)])
+        out = pa.concat_tables([out, merges(m_files, m_ids, m_caps, m_srcs, m_scores)])
     return out
 
 
@@ -105,7 +118,9 @@ class ExactDedupStep(Phase2Step):
     def run(self, ctx) -> StepResult:
         parts = self.partitions or max(ctx.parallelism, ctx.num_files)
         merge, max_captions = self.merge, self.max_captions
-        cols = list(self.reads())
+        # Per-caption scores travel with merged captions (the same image: the same score).
+        scored = tuple(c for c in ("clip_scores", "reward_scores") if merge and c in ctx.data_columns())
+        cols = [*self.reads(), *scored]
 
         def keyed(t: pa.Table) -> pa.Table:
             t = t.filter(pc.is_valid(t.column("sha256")))
@@ -113,5 +128,5 @@ class ExactDedupStep(Phase2Step):
 
         ds = ctx.alive(cols).map_batches(keyed, batch_format="pyarrow")
         decisions = ds.groupby(PART, num_partitions=min(parts, ctx.parallelism)).map_groups(
-            lambda g: resolve_exact(g, merge, max_captions), batch_format="pyarrow")
+            lambda g: resolve_exact(g, merge, max_captions, scored), batch_format="pyarrow")
         return StepResult({"partitions": parts, "merge_captions": merge}, decisions)
