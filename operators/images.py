@@ -1,4 +1,4 @@
-"""ImageProcessor: decode, orient, bound, resize and re-encode downloaded images.
+"""ImageProcessor: decode, orient, bound, resize and re-encode downloaded images (and pHash them).
 
 Resizing follows img2dataset's ``Resizer`` exactly (its five resize modes, white borders,
 alpha matting onto white, lanczos up / area down; tests compare pixels with it), but calls
@@ -6,6 +6,8 @@ OpenCV directly: img2dataset builds albumentations transforms for every image, w
 about as much as the resize itself.
 Before any full decode the header is read with Pillow, so decompression bombs
 (``max_pixels``) are refused from their declared size; EXIF orientation is applied first.
+Every decoded image also gets its 64-bit pHash (``phash``, operators/phash.py), for phase 2's
+perceptual dedup.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from operators.base import DECODE_ERROR, DROPPED, FAILED, Columns, DropReason, Operator, Resources, alive_mask, mark, set_columns
+from operators.phash import phash
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +62,10 @@ class ImageProcessor(Operator):
 
     name: ClassVar[str] = "image"
     reads = ("status", "image_bytes")
-    writes = ("image", "sha256", "orig_width", "orig_height", "width", "height", "image_format")
+    writes = ("image", "sha256", "orig_width", "orig_height", "width", "height", "image_format", "phash")
+    # phash: 64-bit pHash (operators/phash.py) of the decoded pixels, bits in an int64; null without an image.
     types = {"image": pa.binary(), "sha256": pa.string(), "orig_width": pa.int32(), "orig_height": pa.int32(),
-             "width": pa.int32(), "height": pa.int32(), "image_format": pa.string()}
+             "width": pa.int32(), "height": pa.int32(), "image_format": pa.string(), "phash": pa.int64()}
     reasons = (
         DECODE_ERROR,
         DropReason("too_many_pixels", DROPPED, "more than images.max_pixels pixels (read from the header, "
@@ -160,12 +164,13 @@ class ImageProcessor(Operator):
                 self._params = self._encode_params()
             factor = reduction_factor(w, h, c) if pixels is None and fmt == "jpeg" else 1
             img = decode(data, factor, gray=im.mode == "L") if pixels is None else pil_to_cv(pixels)
+            ph = phash(img)  # of the decoded pixels (a reduced JPEG decode is close to the full one)
             img, width, height = resize_encode(img, c.resize_mode, c.image_size, c.resize_only_if_bigger,
                                                c.encode_format, self._params,
                                                orig_size=(h, w) if factor > 1 else None)
         except Exception as exc:  # noqa: BLE001
             return res, (FAILED, "decode_error", f"{type(exc).__name__}: {exc}"[:200])
-        res.update(image=img, width=width, height=height)
+        res.update(image=img, width=width, height=height, phash=ph)
         return res, None
 
 
