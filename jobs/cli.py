@@ -1,4 +1,4 @@
-"""The ``imgcurate`` command: ``run CONFIG``, ``dry-run``, ``validate CONFIG``."""
+"""The ``imgcurate`` command: ``run CONFIG``, ``phase2 CONFIG``, ``dry-run``, ``validate CONFIG``."""
 
 from __future__ import annotations
 
@@ -16,13 +16,16 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run (or resume) the job described by CONFIG")
     run.add_argument("config")
+    ph2 = sub.add_parser("phase2", help="rerun only phase 2 (dedup, selections, coreset, a new snapshot) over the "
+                                        "finished phase-1 output of CONFIG: nothing is downloaded again")
+    ph2.add_argument("config")
     val = sub.add_parser("validate", help="check CONFIG, print it with every default filled in, then the chain of "
                                           "stages: what each reads and writes, where it runs, its model")
     val.add_argument("config")
     val.add_argument("--check-inputs", action="store_true", help="also list the input files (reads storage)")
     dry = sub.add_parser("dry-run", help="serve the bundled sample on 127.0.0.1 and run configs/dryrun.yaml")
     dry.add_argument("--work-dir", default="imgcurate-dryrun", help="where the sample and output go")
-    for sp in (run, val, dry):
+    for sp in (run, ph2, val, dry):
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set download.timeout_s=5 (repeatable)")
         sp.add_argument("-v", "--verbose", action="store_true")
@@ -51,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from jobs import curate
 
-        if args.command == "run":
+        if args.command in ("run", "phase2"):
             cfg = load_config(args.config, args.overrides)
-            manifest, out = curate.run(cfg), cfg.output.path
+            manifest, out = curate.run(cfg, phase2_only=args.command == "phase2"), cfg.output.path
         else:
             from jobs.dryrun import run_dryrun
 

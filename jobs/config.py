@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from jobs.stages import STAGES, config_errors, config_warnings
+from jobs.stages import PHASE2, STAGES, config_errors, config_warnings
 from operators.sources import SourceConfig
 from operators.storage import StorageConfig
 
@@ -88,14 +88,17 @@ class _JobBase(BaseModel):
     ray: RayConfig = RayConfig()
 
     def fingerprint(self, *sections: str) -> str:
-        """A hash of the named sections (default: every section but ``RUN_SECTIONS``): an output is
-        resumed only by the same config. Keys that say how much runs at once and where
+        """A hash of the named sections (default: every section but ``RUN_SECTIONS`` and
+        ``PHASE2_SECTIONS``): an output's phase 1 is resumed only by the same config. Phase 2 reads
+        phase 1's files and rewrites only its own sidecars and a new snapshot, so its settings
+        (dedup, selections, coreset, publish) may change between runs of one output: the manifest
+        and each snapshot record the ones they were made with. Keys that say how much runs at once and where
         (``RESOURCE_KEYS``, ``LOCATION_KEYS``) are left out: a resume may scale the actor pools or
         change batch sizes without changing what is written. A new stage's section is covered
         without anyone listing it."""
         data = _without_keys(self.model_dump(mode="json"))
         picked = {s: data[s] for s in sections} if sections else {
-            k: v for k, v in data.items() if k not in RUN_SECTIONS}
+            k: v for k, v in data.items() if k not in RUN_SECTIONS | PHASE2_SECTIONS}
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -107,6 +110,8 @@ JobConfig.__doc__ = "The whole job: run sections (where and how) and one section
 
 # Sections that only say where and how to run: not part of the fingerprint.
 RUN_SECTIONS = frozenset({"name", "output", "storage", "ray"})
+# Phase 2's sections: rerun over an existing phase-1 output with other settings (``imgcurate phase2``).
+PHASE2_SECTIONS = frozenset(s.section for s in STAGES if s.runs_in == PHASE2)
 # Keys (in any section) that say where a stage keeps local copies or caches, not what it writes.
 LOCATION_KEYS = frozenset({"cache_dir", "cache_path"})
 

@@ -19,7 +19,7 @@ from importlib import metadata
 import ray
 
 from jobs.config import ConfigError, JobConfig, load_config
-from jobs.plan import pack_shards, run_plan, waves_of
+from jobs.plan import load_plan, pack_shards, run_plan, waves_of
 from jobs.sizing import PipelinePlan, StageNeed, fit_pipeline
 from jobs.phase2 import run_phase2
 from jobs.stages import describe, model_stages, models_of, recaption_cache_root
@@ -297,12 +297,17 @@ def check_run_identity(cfg: JobConfig) -> None:
         write_json_atomic(run_path, {"fingerprint": fp, "name": cfg.name, "started": time.time()}, cfg.storage)
 
 
-def run(cfg: JobConfig) -> dict:
-    """Run (or resume) the whole job; returns the run manifest."""
+def run(cfg: JobConfig, phase2_only: bool = False) -> dict:
+    """Run (or resume) the whole job; returns the run manifest. With ``phase2_only`` (``imgcurate
+    phase2``), phase 1 must be finished in ``output.path`` under the same phase-1 config: nothing is
+    downloaded, and phase 2 reruns with the config's phase-2 settings."""
     t0 = time.time()
     init_ray(cfg)
-    check_run_identity(cfg)
-    plan = run_plan(cfg)
+    if phase2_only:
+        plan = _finished_plan(cfg)
+    else:
+        check_run_identity(cfg)
+        plan = run_plan(cfg)
     t_plan = time.time() - t0
     waves = waves_of(plan, cfg.plan.wave_max_samples)
     markers = []
@@ -311,17 +316,34 @@ def run(cfg: JobConfig) -> dict:
         marker = read_json(wave_paths(cfg, i)["marker"], cfg.storage)
         if marker is not None:
             resumed += 1
+        elif phase2_only:
+            raise ConfigError(f"{cfg.output.path}: wave {i} of phase 1 is not finished; run `imgcurate run` first")
         else:
             marker = run_wave(cfg, i, buckets)
         markers.append(marker)
     t_sel = time.time()
     phase2 = run_phase2(cfg, [f for m in markers for f in m["files"]])
     timings = {"plan_s": round(t_plan, 3), "total_s": round(time.time() - t0, 3),
-               "phase1_s": round(sum(m["seconds"] for m in markers), 3), "selection_s": round(time.time() - t_sel, 3)}
+               "phase1_s": round(sum(m["seconds"] for m in markers), 3), "phase2_s": round(time.time() - t_sel, 3)}
     manifest = manifest_of(cfg, plan, markers, resumed, phase2, timings)
     # Data files first, manifest last: a reader trusts only a committed manifest.
     write_json_atomic(join(cfg.output.path, "_manifest.json"), manifest, cfg.storage)
     return manifest
+
+
+def _finished_plan(cfg: JobConfig) -> dict:
+    """The committed plan of a phase-1 output made by this phase-1 config (for a phase-2 rerun)."""
+    existing = read_json(join(cfg.output.path, "_RUN.json"), cfg.storage)
+    if existing is None:
+        raise ConfigError(f"{cfg.output.path} holds no run; `imgcurate run` makes one first")
+    if existing.get("fingerprint") != cfg.fingerprint():
+        raise ConfigError(f"{cfg.output.path} holds the output of another phase-1 config (fingerprint "
+                          f"{existing.get('fingerprint')} != {cfg.fingerprint()}); phase 2 reruns only over the "
+                          f"config that made it (its phase-2 sections may differ)")
+    plan = load_plan(cfg)
+    if plan is None:
+        raise ConfigError(f"{cfg.output.path} has no committed plan; run `imgcurate run` first")
+    return plan
 
 
 def manifest_of(cfg: JobConfig, plan: dict, markers: list[dict], resumed: int, phase2: dict,

@@ -127,6 +127,19 @@ def test_clip_top_fraction_over_the_whole_run(ray_session, image_server, tmp_pat
     assert passed_clip == sel["kept"] == sum(s >= want for s in scores)
     assert reasons.count(None) == manifest["final"]["kept"]
     assert manifest["final"]["kept"] < sel["kept"] == manifest["phase2"]["selection.reward_top_fraction"]["entering"]
+
+    # `imgcurate phase2`: another fraction over the same phase-1 output, nothing run again in phase 1
+    data_files = sorted(p.name for p in (tmp_path / "out" / "data").rglob("*.parquet"))
+    cfg2 = job_config(urls, str(tmp_path / "out"), selection={"clip_top_fraction": 0.5},
+                      plan={"num_buckets": 4, "shard_rows": 8})
+    again = curate.run(cfg2, phase2_only=True)
+    assert again["waves_resumed"] == len(again["waves"])
+    assert sorted(p.name for p in (tmp_path / "out" / "data").rglob("*.parquet")) == data_files
+    sel2 = again["phase2"]["selection.clip_top_fraction"]
+    assert sel2["kept"] == sum(s >= sorted(scores, reverse=True)[-(-len(scores) // 2) - 1] for s in scores)
+    assert sel2["kept"] > sel["kept"]
+    with pytest.raises(ConfigError, match="holds no run"):
+        curate.run(job_config(urls, str(tmp_path / "empty")), phase2_only=True)
     assert manifest["models"]["clip"]["random_weights"] is True
 
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 from pydantic import BaseModel, create_model
 
-from jobs.config import CONFIG_DIR, RUN_SECTIONS, ConfigError, JobConfig, load_config
+from jobs.config import CONFIG_DIR, PHASE2_SECTIONS, RUN_SECTIONS, ConfigError, JobConfig, load_config
 from jobs.stages import ACTOR_POOL, STAGES, chain_errors, describe, models_of, stage
 from operators.base import (DROPPED, FAILED, KEPT, Columns, ContractError, DropReason, KeptRowsStage, Operator,
                             Scored)
@@ -182,15 +182,17 @@ def test_cli_validate_prints_the_chain():
     assert re.search(r"^reward  \[actor pool \(0.25 CPU", r.stdout, re.M)
 
 
-# --- the fingerprint covers every section but the run sections ----------------------------
-def test_every_stage_section_is_fingerprinted_and_run_sections_are_not(tmp_path):
+# --- the fingerprint covers every phase-1 section but the run sections ----------------------
+def test_every_phase1_section_is_fingerprinted_and_run_and_phase2_sections_are_not(tmp_path):
     a = _dryrun()
     assert {s.section for s in STAGES} <= set(JobConfig.model_fields) - RUN_SECTIONS
-    for o in ["selection.reward_top_fraction=0.5", "recaption.max_new_tokens=7", "safety.enabled=false",
-              "images.image_size=97", "download.retries=5"]:
+    assert {"selection", "dedup"} <= PHASE2_SECTIONS and not PHASE2_SECTIONS & {"clip", "images", "download"}
+    for o in ["recaption.max_new_tokens=7", "safety.enabled=false", "images.image_size=97", "download.retries=5"]:
         assert _dryrun([o]).fingerprint() != a.fingerprint(), o
+    # phase 2 reruns over the same phase-1 output with other settings
     for o in ["output.path=/tmp/elsewhere", "ray.num_cpus=9", "storage.region=eu", "name=other",
-              "recaption.cache_path=/tmp/c", "clip.num_cpus=3", "reward.pool_max=4"]:
+              "recaption.cache_path=/tmp/c", "clip.num_cpus=3", "reward.pool_max=4",
+              "selection.reward_top_fraction=0.5", "dedup.exact=false"]:
         assert _dryrun([o]).fingerprint() == a.fingerprint(), o
 
 
