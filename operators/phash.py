@@ -38,28 +38,25 @@ _MASK64 = (1 << 64) - 1
 _UNNORM = np.ones((HASH_SIDE, HASH_SIDE), np.float64)
 _UNNORM[0, :] *= np.sqrt(2.0)
 _UNNORM[:, 0] *= np.sqrt(2.0)
-# Bit weights: coefficient (0, 0) is bit 63 (most significant), (7, 7) bit 0.
-_WEIGHTS = (np.uint64(1) << np.arange(HASH_BITS - 1, -1, -1, dtype=np.uint64)).reshape(HASH_SIDE, HASH_SIDE)
 
 
 def gray32(pixels: np.ndarray) -> np.ndarray:
-    """Decoded pixels (BGR, BGRA or gray; uint8 or uint16) -> 32x32 float32 luminance (INTER_AREA)."""
+    """Decoded pixels (BGR, BGRA or gray; uint8 or uint16) -> 32x32 float32 luminance: OpenCV's
+    fixed-point BGR->gray on the integer pixels, then INTER_AREA in float (an 8-bit 32x32, as
+    imagehash's, flips a few more near-median bits of re-encoded copies); alpha is matted onto
+    white first."""
     import cv2
 
     img = pixels
     if img.ndim == 3 and img.shape[-1] == 1:
         img = img[..., 0]
+    if img.ndim == 3 and img.shape[-1] == 4:  # matte onto white, as the image stage does before encoding
+        top = float(np.iinfo(img.dtype).max) if img.dtype.kind in "ui" else 1.0
+        alpha = img[..., 3:4].astype(np.float32) / top
+        img = np.rint(alpha * img[..., :3] + (1.0 - alpha) * top).astype(img.dtype)
     if img.ndim == 3:
-        if img.shape[-1] == 4:  # matte onto white, as the image stage does before encoding
-            top = float(np.iinfo(img.dtype).max) if img.dtype.kind in "ui" else 1.0
-            alpha = img[..., 3:4].astype(np.float32) / top
-            img = (alpha * img[..., :3].astype(np.float32) + (1.0 - alpha) * top).astype(np.float32)
-        else:
-            img = img.astype(np.float32)
         img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
-    else:
-        img = img.astype(np.float32)
-    return cv2.resize(img, (DCT_SIDE, DCT_SIDE), interpolation=cv2.INTER_AREA)
+    return cv2.resize(img.astype(np.float32), (DCT_SIDE, DCT_SIDE), interpolation=cv2.INTER_AREA)
 
 
 def hash_from_gray32(gray: np.ndarray) -> int:
@@ -67,9 +64,10 @@ def hash_from_gray32(gray: np.ndarray) -> int:
     import cv2
 
     coeffs = cv2.dct(np.ascontiguousarray(gray, dtype=np.float32)).astype(np.float64)
-    low = coeffs[:HASH_SIDE, :HASH_SIDE] * _UNNORM
-    bits = low > np.median(low)
-    return to_int64(int(np.sum(_WEIGHTS[bits], dtype=np.uint64)))
+    low = (coeffs[:HASH_SIDE, :HASH_SIDE] * _UNNORM).ravel()
+    s = np.sort(low)  # the median of 64 values: mean of the 32nd and 33rd (np.median, 50x slower here)
+    bits = low > (s[31] + s[32]) / 2
+    return to_int64(int.from_bytes(np.packbits(bits).tobytes(), "big"))
 
 
 def phash(pixels: np.ndarray) -> int:
