@@ -197,13 +197,13 @@ def test_every_phase1_section_is_fingerprinted_and_run_and_phase2_sections_are_n
 
 
 def test_a_new_section_is_fingerprinted_without_listing_it():
-    class DedupConfig(BaseModel):
-        eps: float = 0.1
+    class OcrConfig(BaseModel):
+        min_chars: int = 1
 
-    Extended = create_model("Extended", __base__=JobConfig, dedup=(DedupConfig, DedupConfig()))
+    Extended = create_model("Extended", __base__=JobConfig, ocr=(OcrConfig, OcrConfig()))
     data = _dryrun().model_dump(mode="json")
     a = Extended.model_validate(data)
-    b = Extended.model_validate({**data, "dedup": {"eps": 0.2}})
+    b = Extended.model_validate({**data, "ocr": {"min_chars": 2}})
     assert a.fingerprint() != b.fingerprint()
 
 
