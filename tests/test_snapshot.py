@@ -46,8 +46,8 @@ def sid(i: int) -> str:
 
 
 def row(i: int) -> dict:
-    """Sample i: i % 10 == 9 dropped in phase 1; kept ones have captions c0, c1 and a best caption
-    chosen by kind i % 3: 0 reward's, 1 CLIP's only (index 1), 2 neither (the first caption)."""
+    """Sample i: i % 10 == 9 dropped in phase 1; kept ones have captions c0, c1 and by kind i % 3:
+    0 the reward's best c1 (CLIP's is c0), 1 CLIP's best only (c1), 2 neither (the first caption)."""
     r = {f.name: None for f in SCHEMA}
     r.update(sample_id=sid(i), url=f"http://img.test/{i}.jpg", captions=[f"c0-{i}", f"c1-{i}"],
              caption_sources=["alt", "alt"])
@@ -57,10 +57,11 @@ def row(i: int) -> dict:
     img = jpeg(i)
     r.update(status="kept", image=img, sha256=hashlib.sha256(img).hexdigest(), width=8 + i % 5, height=8,
              clip_image_embedding=[float(i)] * EMB, download_open_request_s=1.0 if i % 7 == 0 else None)
-    if i % 3 in (0, 1):
+    if i % 3 == 0:  # the reward model's best wins over CLIP's
+        r.update(clip_scores=[0.3, 0.1], clip_score=0.3, clip_best_caption=0,
+                 reward_scores=[0.2, 0.9], reward=0.9, best_caption=f"c1-{i}", best_caption_source="alt")
+    if i % 3 == 1:
         r.update(clip_scores=[0.1, 0.3], clip_score=0.3, clip_best_caption=1)
-    if i % 3 == 0:
-        r.update(reward_scores=[0.9, 0.2], reward=0.9, best_caption=f"c0-{i}", best_caption_source="alt")
     return r
 
 
@@ -127,9 +128,9 @@ def expected(files: list[str]) -> list[dict]:
                 continue
             i = next(k for k in range(N) if sid(k) == d["sample_id"])
             caps = s["captions"] if s["captions"] is not None else d["captions"]
-            caption = {0: f"c0-{i}", 1: f"c1-{i}", 2: f"c0-{i}"}[i % 3]
-            rows.append({**d, "captions": caps, "caption": caption, "i": i,
-                         "caption_sources": s["caption_sources"] if s["captions"] is not None else d["caption_sources"]})
+            caption = {0: f"c1-{i}", 1: f"c1-{i}", 2: f"c0-{i}"}[i % 3]
+            sources = s["caption_sources"] if s["captions"] is not None else d["caption_sources"]
+            rows.append({**d, "captions": caps, "caption": caption, "i": i, "caption_sources": sources})
         out += sorted(rows, key=lambda r: r["sample_id"])
     return out
 
@@ -217,7 +218,8 @@ def test_snapshot_has_the_kept_set_in_fixed_shards(ray_session, tmp_path, monkey
     assert by_id[sid(0)]["captions"] == ["c0-0", "c1-0", "dup-alt-0"]  # merged by the dedup step
     assert by_id[sid(1)]["clip_best_caption"] == 1 and by_id[sid(1)]["caption"] == "c1-1"
     assert [None if v is None else round(v, 3) for v in by_id[sid(1)]["clip_scores"]] == [None, 0.3, 0.1]
-    assert by_id[sid(0)]["reward_scores"][2] is None
+    assert by_id[sid(0)]["reward_scores"][2] is None and by_id[sid(0)]["caption"] == "c1-0"
+    assert by_id[sid(0)]["clip_best_caption"] == 0
     assert not {"status", "drop_stage", "drop_reason", "error_message", "download_open_request_s"} & set(got[0])
 
     assert m["version"] == 1 and m["parent"] is None and m["models"] == {"clip": "tiny"}
@@ -287,8 +289,11 @@ def test_uncommitted_version_dir_is_emptied_and_reused(ray_session, tmp_path):
     crashed.mkdir()
     (crashed / "part-00099.parquet").write_bytes(b"half a shard")
     assert list_versions(str(tmp_path)) == {1: True, 2: False}
-    m = publish(files, str(tmp_path), None, {"shard_rows": 20})
+    from jobs.phase2 import Phase2Context
+
+    m = publish(Phase2Context(files, str(tmp_path)), config={"shard_rows": 20})  # the job passes its context
     assert m["version"] == 2 and m["parent"] == 1 and m["reused_uncommitted"] is True
+    assert m["counts"]["kept"] == 50 and m["path"] == str(crashed)
     assert sorted(p.name for p in crashed.iterdir()) == ["_SNAPSHOT.json", "part-00000.parquet",
                                                          "part-00001.parquet", "part-00002.parquet"]
     assert _digests(v1) == before
@@ -349,7 +354,7 @@ def test_publish_through_loopback_s3(ray_session, s3_server, s3fs_client, tmp_pa
 
     run_steps([FakeDedup(DUPS, MERGED, sid(0))], files, "s3://imgcurate-snap/run", storage)
     m = publish(files, "s3://imgcurate-snap/run", storage, {"shard_rows": 16, "webdataset": True})
-    m2 = publish(files, "s3://imgcurate-snap/run", storage, {"shard_rows": 16})
+    m2 = publish(files, "s3://imgcurate-snap/run", storage, {"shard_rows": 16, "images": False, "webdataset": True})
     assert (m["version"], m2["version"], m2["parent"]) == (1, 2, 1)
     assert json.loads(fs.cat("imgcurate-snap/run/snapshots/v=0001/_SNAPSHOT.json")) == m
     parts = sorted(fs.glob("imgcurate-snap/run/snapshots/v=0001/part-*.parquet"))
@@ -370,3 +375,8 @@ def test_publish_through_loopback_s3(ray_session, s3_server, s3fs_client, tmp_pa
     for e in m["files"]:
         assert fs.size(f"imgcurate-snap/run/snapshots/v=0001/{e['path']}") == e["bytes"]
     assert not (tmp_path / "imgcurate-snap").exists()
+    # v=0002 without images in its Parquet shards: the tars still carry them
+    v2 = pq.read_table(io.BytesIO(fs.cat("imgcurate-snap/run/snapshots/v=0002/part-00000.parquet")))
+    assert "image" not in v2.column_names and v2.num_rows == 16
+    assert fs.cat("imgcurate-snap/run/snapshots/v=0002/shard-00000.tar") == \
+        fs.cat("imgcurate-snap/run/snapshots/v=0001/shard-00000.tar")
