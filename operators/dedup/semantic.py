@@ -199,36 +199,41 @@ class Dedup:
 
 def semdedup_ordered(x: np.ndarray, eps: float, block: int = BLOCK) -> Dedup:
     """SemDeDup on normalized rows already in keep order: row j is dropped when
-    ``max_{i<j} x_i . x_j > 1 - eps``; its twin is ``argmax`` over earlier kept rows. The n x n cosine
-    matrix is computed in ``block`` x ``block`` pieces (memory O(block^2), time O(n^2 d))."""
+    ``max_{i<j} x_i . x_j > 1 - eps``; its twin is the ``argmax`` over earlier kept rows. Two passes of
+    ``block`` x ``block`` pieces of the cosine matrix (memory O(block^2)): the max over earlier rows
+    (n^2 / 2 dot products), then the twins, for the dropped columns only."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     n = len(x)
-    thr = np.float32(1.0 - eps)
     max_cos = np.full(n, -np.inf, np.float32)
-    twin_cos = np.full(n, -np.inf, np.float32)
-    twin = np.full(n, -1, np.int64)
-    dropped = np.zeros(n, bool)
-
-    def take_twin(s: np.ndarray, i0: int, j0: int, j1: int) -> None:
-        arg = s.argmax(0)
-        val = s[arg, np.arange(s.shape[1])]
-        better = val > twin_cos[j0:j1]
-        twin_cos[j0:j1] = np.where(better, val, twin_cos[j0:j1])
-        twin[j0:j1] = np.where(better, i0 + arg, twin[j0:j1])
-
     for j0 in range(0, n, block):
         j1 = min(n, j0 + block)
         xj = x[j0:j1]
-        for i0 in range(0, j0, block):  # earlier blocks: every row before every row of this block
-            s = x[i0:i0 + block] @ xj.T
+        for i0 in range(0, j1, block):
+            s = x[i0:min(j1, i0 + block)] @ xj.T
+            if i0 == j0:  # the diagonal piece: i < j only
+                s[np.tril_indices(j1 - j0)] = -np.inf
             max_cos[j0:j1] = np.maximum(max_cos[j0:j1], s.max(0))
-            take_twin(np.where(dropped[i0:i0 + block, None], -np.inf, s), i0, j0, j1)
-        s = xj @ xj.T
-        s = np.where(np.triu(np.ones((j1 - j0, j1 - j0), bool), 1), s, -np.inf)  # i < j only
-        max_cos[j0:j1] = np.maximum(max_cos[j0:j1], s.max(0))
-        dropped[j0:j1] = max_cos[j0:j1] > thr
-        take_twin(np.where(dropped[j0:j1, None], -np.inf, s), j0, j0, j1)
-    twin[~dropped] = -1
+    dropped = max_cos > np.float32(1.0 - eps)
+    twin = np.full(n, -1, np.int64)
+    twin_cos = np.full(n, -np.inf, np.float32)
+    gone = np.flatnonzero(dropped)
+    kept_rows = np.flatnonzero(~dropped)
+    for c0 in range(0, len(gone), block):
+        cols = gone[c0:c0 + block]
+        xj = x[cols]
+        best = np.full(len(cols), -np.inf, np.float32)
+        arg = np.full(len(cols), -1, np.int64)
+        earlier = kept_rows[kept_rows < cols[-1]]
+        for r0 in range(0, len(earlier), block):
+            rows = earlier[r0:r0 + block]
+            s = x[rows] @ xj.T
+            s[rows[:, None] >= cols[None, :]] = -np.inf
+            a = s.argmax(0)
+            v = s[a, np.arange(len(cols))]
+            better = v > best
+            best = np.where(better, v, best)
+            arg = np.where(better, rows[a], arg)
+        twin[cols], twin_cos[cols] = arg, best
     return Dedup(dropped, twin, twin_cos, max_cos)
 
 
@@ -424,7 +429,8 @@ class SemanticDedupStep(Phase2Step):
             return ray.data.read_parquet(assigned, filesystem=afs, columns=columns)
 
         # 3. cluster sizes; oversized clusters get sub-centroids trained on a sample of their rows
-        counts = {int(r["cluster"]): int(r["count()"]) for r in read(["cluster"]).groupby("cluster").count().take_all()}
+        counts = {int(r["cluster"]): int(r["count()"])
+                  for r in read(["cluster"]).groupby("cluster", num_partitions=ctx.parallelism).count().take_all()}
         embedded = sum(counts.values())
         split = split_counts(counts, cfg.max_cluster_size)
         subs: dict[int, np.ndarray] = {}
