@@ -102,7 +102,7 @@ class FakeDedup(Phase2Step):
 
 
 # Samples 0, 1, 2 get merged captions (kinds 0, 1, 2); 3, 4, 5 and 10 are dropped as their copies.
-MERGED = {sid(0): ([f"c0-0", "c1-0", "dup-alt-0"], ["alt", "alt", "dedup:x"]),
+MERGED = {sid(0): (["c0-0", "c1-0", "dup-alt-0"], ["alt", "alt", "dedup:x"]),
           sid(1): (["dup-alt-1", "c1-1", "c0-1"], ["dedup:x", "alt", "alt"]),  # reordered: realigned by text
           sid(2): (["c0-2", "c1-2", "dup-alt-2"], ["alt", "alt", "dedup:x"])}
 DUPS = [sid(i) for i in (3, 4, 5, 10)]
@@ -335,6 +335,11 @@ def test_without_phase2_the_data_status_is_final_and_columns_select(ray_session,
         publish(files, str(tmp_path), None, {"columns": ["nope"]})
     assert publish(files, str(tmp_path), None, {"enabled": False}) == {}
     assert list_versions(str(tmp_path)) == {1: True}
+    with pytest.raises(RuntimeError, match="did not commit"):
+        publish(files, str(tmp_path), None, {}, final=True)
+    phase2(tmp_path, files)  # now sidecars with _FINAL.json: the job says phase 2 did not run this time
+    m = publish(files, str(tmp_path), None, {"shard_rows": 100}, final=False)
+    assert m["status_from"] == "data" and m["counts"]["kept"] == 18
 
 
 def test_publish_through_loopback_s3(ray_session, s3_server, s3fs_client, tmp_path):
