@@ -19,15 +19,16 @@ from importlib import metadata
 import ray
 
 from jobs.config import ConfigError, JobConfig, load_config
+from jobs.phase2 import run_phase2
 from jobs.plan import load_plan, pack_shards, run_plan, waves_of
 from jobs.sizing import PipelinePlan, StageNeed, fit_pipeline
-from jobs.phase2 import run_phase2
 from jobs.stages import describe, model_stages, models_of, recaption_cache_root
 from operators.download import HttpDownloader
 from operators.images import ImageProcessor
 from operators.recaption.vllm import apply_vllm_recaption
 from operators.shards import SampleShards
 from operators.sinks import PARQUET_OPTIONS, count_written, sink_prep
+from operators.snapshot import publish
 from operators.storage import arrow_fs, fsspec_fs, join, read_json, write_json_atomic
 
 log = logging.getLogger("imgcurate")
@@ -322,10 +323,20 @@ def run(cfg: JobConfig, phase2_only: bool = False) -> dict:
             marker = run_wave(cfg, i, buckets)
         markers.append(marker)
     t_sel = time.time()
-    phase2 = run_phase2(cfg, [f for m in markers for f in m["files"]])
+    files = [f for m in markers for f in m["files"]]
+    phase2 = run_phase2(cfg, files)
+    t_pub = time.time()
+    snapshot = publish(files, cfg.output.path, cfg.storage, cfg.publish, final=bool(phase2),
+                       manifest_extra={"name": cfg.name, "models": models_of(cfg),
+                                       "config": cfg.model_dump(mode="json"), "phase2": phase2.get("steps", {}),
+                                       "phase1_fingerprint": cfg.fingerprint()})
     timings = {"plan_s": round(t_plan, 3), "total_s": round(time.time() - t0, 3),
-               "phase1_s": round(sum(m["seconds"] for m in markers), 3), "phase2_s": round(time.time() - t_sel, 3)}
+               "phase1_s": round(sum(m["seconds"] for m in markers), 3), "phase2_s": round(t_pub - t_sel, 3),
+               "publish_s": round(time.time() - t_pub, 3)}
     manifest = manifest_of(cfg, plan, markers, resumed, phase2, timings)
+    if snapshot:
+        manifest["snapshot"] = {"version": snapshot["version"], "path": snapshot.get("path"),
+                                "kept": snapshot["counts"]["kept"], "parent": snapshot.get("parent")}
     # Data files first, manifest last: a reader trusts only a committed manifest.
     write_json_atomic(join(cfg.output.path, "_manifest.json"), manifest, cfg.storage)
     return manifest
@@ -421,6 +432,10 @@ def summary_table(manifest: dict) -> str:
         merged = f", {step['merged']} captions merged" if step.get("merged") else ""
         lines.append(f"phase 2, step {step['order']} {name}: {step['entering']} -> {step['kept']} kept "
                      f"({step['dropped']} dropped{merged}{detail})")
+    if manifest.get("snapshot"):
+        snap = manifest["snapshot"]
+        lines.append(f"snapshot v={snap['version']:04d}: {snap['kept']} samples at {snap['path']}"
+                     + (f" (parent v={snap['parent']:04d})" if snap.get("parent") else ""))
     final = manifest.get("final") or {}
     if final.get("sidecars"):
         lines.append(f"final: {final['kept']} of {manifest['samples']} samples kept "

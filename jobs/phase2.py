@@ -36,7 +36,7 @@ import ray
 
 from operators.base import KEPT, STATUS_COLUMNS, count_outcomes, set_columns
 from operators.phase2 import DECISION_SCHEMA, DUPLICATE_OF, FILE_COLUMN, MERGED_COLUMNS, Phase2Step, StepResult
-from operators.storage import StorageConfig, arrow_fs, join, write_json_atomic
+from operators.storage import StorageConfig, arrow_fs, fsspec_fs, join, write_json_atomic
 
 log = logging.getLogger(__name__)
 FINAL_DIR = "final"
@@ -235,6 +235,11 @@ def run_phase2(cfg, files: list[str], steps: list[Phase2Step] | None = None) -> 
 def run_steps(steps: list[Phase2Step], files: list[str], output_path: str,
               storage: StorageConfig | None = None) -> dict:
     ctx = Phase2Context(files, output_path, storage)
+    # The commit marker goes first: sidecars being rewritten are never trusted (the snapshot
+    # publisher requires the marker), and a crashed rerun leaves none.
+    fs, marker = fsspec_fs(join(ctx.sidecar_dir, "_FINAL.json"), storage)
+    if fs.exists(marker):
+        fs.rm(marker)
     init = ray.remote(num_cpus=1)(_init_sidecar)
     outcomes: dict[str, int] = {}
     for part in ray.get([init.remote(i, f, ctx.sidecar(i), output_path, storage) for i, f in enumerate(files)]):

@@ -33,6 +33,7 @@ from operators.reward import model_report as reward_report
 from operators.safety import SafetyConfig, SafetyScorer
 from operators.safety import model_report as safety_report
 from operators.selection import TOP_FRACTION_REASON, SelectionConfig
+from operators.snapshot import PublishConfig
 from operators.sources import PLAN_COLUMNS, PLAN_REASONS
 from operators.storage import join
 
@@ -211,6 +212,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("dedup", DedupConfig, None, PHASE2, reads=_dedup_reads, reasons=DEDUP_REASONS,
           writer_hint="the images stage (always on)"),
     Stage("selection", SelectionConfig, None, PHASE2, reads=_selection_reads, reasons=(TOP_FRACTION_REASON,)),
+    # The published snapshot of what phase 2 kept (operators/snapshot.py): no drops, reads what is there.
+    Stage("publish", PublishConfig, None, PHASE2),
 )
 
 # The plan (phase 0) is not a stage of the list: it makes the rows every stage starts from.

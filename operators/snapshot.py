@@ -34,10 +34,11 @@ publisher at a time per output (the job's run lock).
 ``best_caption`` (Compress & Align, operators/reward.py) when the run has a reward column and the
 row has one; else CLIP's best (``clip_best_caption``, an index into the data file's captions,
 operators/clip.py); else the first non-blank caption; else empty. Both bests were chosen among the
-sample's own captions: alt-texts merged in by exact dedup were never scored against this row, so
-they are not candidates, and in the snapshot their per-caption scores (``clip_scores``,
-``reward_scores``, realigned to the merged ``captions`` by caption text) are null and
-``clip_best_caption`` indexes the merged captions.
+sample's own captions, unless exact dedup's merge carried the merged captions' scores (each
+copy's captions were scored on the same image bytes, operators/dedup/exact.py): then the best is
+chosen among all the merged captions by those scores. A merge without scores realigns the row's
+own ``clip_scores`` / ``reward_scores`` to the merged ``captions`` by caption text (null for the
+merged-in ones) and re-indexes ``clip_best_caption``.
 """
 
 from __future__ import annotations
@@ -214,7 +215,11 @@ def _count_files(sources: list[Source], storage: StorageConfig | None) -> list[d
 def _kept_rows(src: Source, first: int, last: int, columns: list[str], storage: StorageConfig | None) -> pa.Table:
     """Kept rows of ranks ``[first, last)`` of one data file (kept rows sorted by sample_id), with
     ``columns`` (those the file has), the sidecar's merged captions beside them as ``_merged_*``."""
-    merged_cols = list(MERGED) if src.sidecar is not None else []
+    if src.sidecar is not None:  # the per-caption scores a merge carried, where the sidecar has them
+        side_names = set(_open_parquet(src.sidecar, storage).schema_arrow.names)
+        merged_cols = [*MERGED, *(c for c in ALIGNED if c in side_names)]
+    else:
+        merged_cols = []
     status = _status_table(src, storage, merged_cols)
     kept = np.flatnonzero(pc.equal(status.column("status"), KEPT).to_numpy(zero_copy_only=False))
     ids = status.column("sample_id").take(pa.array(kept)).to_numpy(zero_copy_only=False)
@@ -248,6 +253,15 @@ def _realign(values: list | None, old: list | None, new: list) -> list | None:
     return [values[at[c]] if c in at else None for c in new]
 
 
+def _argmax(values: list | None) -> int | None:
+    """Index of the largest non-null value (the first of equals), None when there is none."""
+    best = None
+    for j, v in enumerate(values or []):
+        if v is not None and (best is None or v > values[best]):
+            best = j
+    return best
+
+
 def _first_caption(captions: list | None) -> str | None:
     for c in captions or []:
         if c is not None and c.strip():
@@ -265,6 +279,7 @@ def finish_rows(table: pa.Table, caption_column: str) -> pa.Table:
     col = {c: table.column(c).to_pylist() for c in ("captions", REWARD_BEST, CLIP_BEST, *ALIGNED) if c in names}
     old = col.get("captions", [None] * n)
     merged = table.column("_merged_captions").to_pylist() if "_merged_captions" in names else [None] * n
+    merged_scores = {c: table.column(f"_merged_{c}").to_pylist() for c in ALIGNED if f"_merged_{c}" in names}
     best: list = [None] * n
     new_caps = list(old)
     for k in range(n):
@@ -279,8 +294,18 @@ def finish_rows(table: pa.Table, caption_column: str) -> pa.Table:
         new_caps[k] = merged[k]
         for c in ALIGNED:
             if c in col:
-                col[c][k] = _realign(col[c][k], own, merged[k])
-        if CLIP_BEST in col and col[CLIP_BEST][k] is not None:
+                carried = merged_scores[c][k] if c in merged_scores else None
+                col[c][k] = carried if carried is not None else _realign(col[c][k], own, merged[k])
+        # A merge that carried its captions' scores (the same image bytes, so the same scores):
+        # the best is chosen among all of them.
+        if merged_scores.get("reward_scores") and _argmax(merged_scores["reward_scores"][k]) is not None:
+            best[k] = merged[k][_argmax(merged_scores["reward_scores"][k])]
+        if CLIP_BEST in col and merged_scores.get("clip_scores") and \
+                _argmax(merged_scores["clip_scores"][k]) is not None:
+            col[CLIP_BEST][k] = _argmax(merged_scores["clip_scores"][k])
+            if REWARD_BEST not in col or best[k] is None:
+                best[k] = merged[k][col[CLIP_BEST][k]]
+        elif CLIP_BEST in col and col[CLIP_BEST][k] is not None:
             idx = col[CLIP_BEST][k]
             text = own[idx] if 0 <= idx < len(own) else None
             col[CLIP_BEST][k] = merged[k].index(text) if text in merged[k] else None

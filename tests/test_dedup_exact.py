@@ -115,3 +115,9 @@ def test_merged_captions_keep_their_scores_and_a_later_top_fraction_ranks_by_the
     assert out["steps"]["selection.reward_top_fraction"]["threshold"] == pytest.approx(0.9)
     assert side["s1"]["status"] == "kept" and side["s3"]["drop_reason"] == "reward_not_top_0.5"
     assert side["s2"]["duplicate_of"] == "s1"
+    # the snapshot's training caption is the best of the merged captions, by their carried rewards
+    from operators.snapshot import PublishConfig, publish
+
+    snap = publish(files, str(tmp_path), None, PublishConfig(shard_rows=10), final=True)
+    rows = pq.read_table(str(tmp_path / "snapshots" / f"v={snap['version']:04d}")).to_pylist()
+    assert [(r["sample_id"], r["caption"]) for r in rows] == [("s1", "strong alt")]
