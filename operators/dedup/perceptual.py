@@ -27,11 +27,14 @@ cost its size squared:
    only the best-ranked copy takes part in the comparisons), so a million identical hashes cost
    a sort;
 2. a group of at most ``exact_group`` distinct hashes is compared all-pairs (vectorised);
-3. a larger group is split again by pigeonhole on its still-free bits (``max_hamming + 1``
-   sub-bands; exact: every pair within ``max_hamming`` still shares a sub-band), up to
-   ``SPLIT_DEPTH`` levels; groups still larger are sorted by the full hash and each hash is
-   compared with the next ``window`` hashes only (approximate: a near pair whose first differing
-   bit comes early may be missed; a warning is logged with the group's size).
+3. a larger group is split again by pigeonhole on the bits that still vary within it
+   (``max_hamming + 1`` sub-bands; exact: every pair within ``max_hamming`` still shares a
+   sub-band; a dense cluster of hashes that differ in few bits splits into small sub-groups), up to
+   ``SPLIT_DEPTH`` (2) levels below the band (at most ``(max_hamming + 1)^2`` sorts of the group:
+   random hashes need one level up to about a billion samples at the default); groups still larger
+   are sorted by the full hash and each hash is compared with the next ``window`` hashes only
+   (approximate: a near pair whose first differing bit comes early may be missed; a warning is
+   logged with the group's size).
 
 Memory: a Ray Data group is held by one worker (about 40 bytes a row for a band value shared by
 that many samples). Cost for random hashes is ``m * n^2 / 2^(64/m)`` comparisons before the
@@ -57,7 +60,7 @@ log = logging.getLogger(__name__)
 NEAR_DUPLICATE = DropReason("near_duplicate", DROPPED,
                             "pHash within dedup.perceptual.max_hamming bits of a better-ranked sample (larger "
                             "original image, then smaller sample_id), named in duplicate_of")
-SPLIT_DEPTH = 3  # levels of pigeonhole re-splitting inside an oversized group
+SPLIT_DEPTH = 2  # levels of pigeonhole re-splitting inside an oversized band group
 NONE = np.iinfo(np.int64).max
 KEY = "_band_key"
 BAND_SHIFT = 58  # band index in the key's top 6 bits, band value (<= 58 bits) below
@@ -79,7 +82,7 @@ class PerceptualConfig(BaseModel):
     keep: Literal["largest_image"] = Field("largest_image",
                       description="which sample of a near pair is kept: largest_image (orig_width * orig_height, "
                                   "then the smaller sample_id)")
-    exact_group: int = Field(1024, ge=2, description="groups of at most this many distinct hashes are compared "
+    exact_group: int = Field(1024, ge=16, description="groups of at most this many distinct hashes are compared "
                                                      "all-pairs; larger ones are split again by pigeonhole")
     window: int = Field(256, ge=1, description="groups still larger after the splits: each hash is compared with "
                                                "the next window hashes in full-hash order (approximate)")
@@ -125,7 +128,8 @@ def _windowed(h: np.ndarray, r: np.ndarray, d: int, window: int) -> np.ndarray:
     return out
 
 
-def _distinct(h: np.ndarray, r: np.ndarray, fixed: int, d: int, cfg: PerceptualConfig, depth: int) -> np.ndarray:
+def _distinct(h: np.ndarray, r: np.ndarray, fixed: int, d: int, cfg: PerceptualConfig, depth: int,
+              stats: dict | None = None) -> np.ndarray:
     """Best-ranked twin of each of ``h`` (distinct hashes agreeing on the bits of ``fixed``), as rank
     (``NONE``: none ranked above it)."""
     n = len(h)
@@ -138,13 +142,15 @@ def _distinct(h: np.ndarray, r: np.ndarray, fixed: int, d: int, cfg: PerceptualC
         _update_runs(h[order], r[order], np.zeros(n, np.int64), sub, d, n)
         best[order] = sub
         return best
-    free = ~fixed & ((1 << 64) - 1)
+    # bits that vary within the group (the others are equal for all: as good as fixed)
+    free = int(np.bitwise_or.reduce(h ^ h[0])) & ~fixed & ((1 << 64) - 1)
     if bin(free).count("1") <= d:  # any two differ in at most the free bits: all are twins
         top = int(r.min())
         return np.where(r == top, NONE, top).astype(np.int64)
     if depth >= SPLIT_DEPTH:
-        log.warning("dedup.perceptual: a group of %d distinct hashes after %d splits; comparing within a window "
-                    "of %d (approximate)", n, depth, cfg.window)
+        if stats is not None:
+            stats["windowed"] = stats.get("windowed", 0) + 1
+            stats["windowed_rows"] = stats.get("windowed_rows", 0) + n
         return _windowed(h, r, d, cfg.window)
     for mask in band_masks(free, d + 1):
         key = h & np.uint64(mask)
@@ -169,23 +175,25 @@ def _distinct(h: np.ndarray, r: np.ndarray, fixed: int, d: int, cfg: PerceptualC
             lo = hi
         for s, size in zip(starts[sizes > cfg.exact_group], sizes[sizes > cfg.exact_group]):
             idx = np.arange(s, s + size)
-            sub[idx] = np.minimum(sub[idx], _distinct(hs[idx], rs[idx], fixed | mask, d, cfg, depth + 1))
+            sub[idx] = np.minimum(sub[idx], _distinct(hs[idx], rs[idx], fixed | mask, d, cfg, depth + 1, stats))
         best[order] = np.minimum(best[order], sub)
     return best
 
 
-def best_twins(h: np.ndarray, r: np.ndarray, d: int, cfg: PerceptualConfig, fixed: int = 0) -> np.ndarray:
+def best_twins(h: np.ndarray, r: np.ndarray, d: int, cfg: PerceptualConfig, fixed: int = 0,
+               stats: dict | None = None) -> np.ndarray:
     """For each hash of a group (``h`` int64/uint64, agreeing on the bits of ``fixed``; ``r`` distinct
     ranks, smaller is better): the rank of its best-ranked twin within ``d`` bits ranked above it,
-    ``NONE`` when there is none. Identical hashes are collapsed to their best-ranked copy first."""
+    ``NONE`` when there is none. Identical hashes are collapsed to their best-ranked copy first.
+    ``stats`` (optional) counts the sub-groups resolved by the approximate window."""
     h = np.asarray(h).astype(np.int64).view(np.uint64)
     r = np.asarray(r, np.int64)
     uniq, inv = np.unique(h, return_inverse=True)
     if len(uniq) == len(h):
-        return _distinct(h, r, fixed, d, cfg, 1 if fixed else 0)
+        return _distinct(h, r, fixed, d, cfg, 0 if fixed else -1, stats)
     rep = np.full(len(uniq), NONE, np.int64)
     np.minimum.at(rep, inv, r)
-    best_u = _distinct(uniq, rep, fixed, d, cfg, 1 if fixed else 0)
+    best_u = _distinct(uniq, rep, fixed, d, cfg, 0 if fixed else -1, stats)
     own = rep[inv]
     return np.minimum(best_u[inv], np.where(r == own, NONE, own))
 
@@ -239,7 +247,12 @@ def _resolve_group(g: pa.Table, masks: list[int], d: int, cfg: PerceptualConfig)
     order = _rank_order(area, sid.astype(str))
     h = g.column("phash").to_numpy()[order]
     band = int(g.column(KEY)[0].as_py()) >> BAND_SHIFT
-    best = best_twins(h, np.arange(len(h)), d, cfg, fixed=masks[band])
+    stats: dict = {}
+    best = best_twins(h, np.arange(len(h)), d, cfg, fixed=masks[band], stats=stats)
+    if stats:
+        log.warning("dedup.perceptual: band %d group of %d samples: %d sub-groups (%d rows) still over %d after %d "
+                    "splits, compared within a window of %d (approximate)", band, len(h), stats["windowed"],
+                    stats["windowed_rows"], cfg.exact_group, SPLIT_DEPTH, cfg.window)
     hit = np.flatnonzero(best != NONE)
     me, twin = order[hit], order[best[hit]]
     files = g.column(FILE_COLUMN).to_numpy()
