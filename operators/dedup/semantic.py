@@ -342,26 +342,27 @@ def _sample_cut(want: int, n: int) -> np.uint64:
 
 # --- the phase-2 step ---------------------------------------------------------------------------
 def _sample_rows(t: pa.Table, seed: int, cut: int) -> pa.Table:
-    x, ok = embeddings_of(t.column(EMBEDDING))
+    """The rows of a batch in the k-means sample: their hash and their embedding as stored (float16 from
+    the CLIP stage: half the bytes of float32 reach the driver)."""
+    _, ok = embeddings_of(t.column(EMBEDDING))
     h = hash64(t.column("sample_id").to_pylist(), seed)
-    sel = ok & (h < np.uint64(cut))
-    d = x.shape[1] if x.ndim == 2 else 0
-    return pa.table({"h": pa.array(h[sel]),
-                     "x": pa.FixedSizeListArray.from_arrays(pa.array(x[sel].reshape(-1), pa.float32()), d)})
+    sel = pa.array(np.flatnonzero(ok & (h < np.uint64(cut))), pa.int64())
+    return pa.table({"h": pa.array(h).take(sel), "x": t.column(EMBEDDING).take(sel)})
 
 
 def _gather_sample(ds) -> tuple[np.ndarray, np.ndarray]:
+    """The sample on the driver, sorted by hash: (hashes, normalized float32 rows)."""
     import ray
 
     tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
     if not tables:
         return np.zeros(0, np.uint64), np.zeros((0, 0), np.float32)
-    t = pa.concat_tables(tables)
-    d = t.schema.field("x").type.list_size
+    t = pa.concat_tables(tables, promote_options="permissive")
     h = t.column("h").to_numpy()
-    x = np.asarray(t.column("x").combine_chunks().flatten().to_numpy(), np.float32).reshape(-1, d)
     order = np.argsort(h, kind="stable")
-    return h[order], x[order]
+    t = t.take(pa.array(order, pa.int64()))
+    x, _ = embeddings_of(t.column("x"))
+    return h[order], x
 
 
 class SemanticDedupStep(Phase2Step):
@@ -451,6 +452,8 @@ class SemanticDedupStep(Phase2Step):
 
             parts = [t for t in ray.get(read(["cluster", "sample_id", EMBEDDING]).map_batches(
                 split_sample, batch_format="pyarrow").to_arrow_refs()) if t.num_rows]
+            if not parts:  # cannot happen (an oversized cluster has rows); keep the guard cheap
+                raise RuntimeError("dedup.semantic: no sample rows for the clusters to split")
             st = pa.concat_tables(parts)
             d = st.schema.field("x").type.list_size
             scl, sh = st.column("cluster").to_numpy(), st.column("h").to_numpy()
