@@ -78,11 +78,21 @@ def _dedup_step(kind: str) -> Callable:
     return build
 
 
-# (name, builder from the job config -> step or None). The coreset joins as its module lands.
+def _coreset_step(cfg):
+    from operators.coreset import CoresetStep
+
+    c = getattr(cfg, "coreset", None)
+    return CoresetStep(c, clip_config=getattr(cfg, "clip", None)) if c is not None and c.enabled else None
+
+
+# (name, builder from the job config -> step or None), in the order the steps run.
 ORDER: tuple[tuple[str, Callable], ...] = (
     ("dedup.exact", _dedup_step("exact")),
+    ("dedup.perceptual", _dedup_step("perceptual")),
+    ("dedup.semantic", _dedup_step("semantic")),
     ("selection.clip_top_fraction", _selection_step("clip_top_fraction")),
     ("selection.reward_top_fraction", _selection_step("reward_top_fraction")),
+    ("coreset", _coreset_step),
 )
 
 

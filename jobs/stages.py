@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from operators.base import Columns, DropReason, Operator, Resources
 from operators.clip import ClipConfig, ClipEmbedder, calibration_warning
+from operators.coreset import NOT_IN_CORESET, CoresetConfig
 from operators.clip import model_report as clip_report
 from operators.dedup import REASONS as DEDUP_REASONS
 from operators.dedup import DedupConfig
@@ -184,6 +185,16 @@ def _dedup_reads(cfg) -> tuple[str, ...]:
     return cfg.dedup.reads()
 
 
+def _coreset_reads(cfg) -> tuple[str, ...]:
+    return ("clip_image_embedding",) if cfg.coreset.enabled else ()
+
+
+def _coreset_requires(cfg) -> list[tuple[str, str]]:
+    if cfg.coreset.enabled and cfg.coreset.target is None:
+        return [("coreset.target", "the coreset needs a target set (a URL list, an image folder or Parquet)")]
+    return []
+
+
 def _selection_reads(cfg) -> tuple[str, ...]:
     return tuple(column for column, _ in cfg.selection.fractions().values())
 
@@ -212,6 +223,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("dedup", DedupConfig, None, PHASE2, reads=_dedup_reads, reasons=DEDUP_REASONS,
           writer_hint="the images stage (always on)"),
     Stage("selection", SelectionConfig, None, PHASE2, reads=_selection_reads, reasons=(TOP_FRACTION_REASON,)),
+    Stage("coreset", CoresetConfig, None, PHASE2, reads=_coreset_reads, reasons=(NOT_IN_CORESET,),
+          requires=_coreset_requires),
     # The published snapshot of what phase 2 kept (operators/snapshot.py): no drops, reads what is there.
     Stage("publish", PublishConfig, None, PHASE2),
 )

@@ -7,6 +7,8 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from operators.dedup.exact import EXACT_DUPLICATE, ExactDedupStep
+from operators.dedup.perceptual import NEAR_DUPLICATE, PerceptualConfig, PerceptualDedupStep
+from operators.dedup.semantic import SEMANTIC_DUPLICATE, SemanticConfig, SemanticDedupStep
 
 
 class DedupConfig(BaseModel):
@@ -19,16 +21,24 @@ class DedupConfig(BaseModel):
     merge_captions: bool = Field(True, description="exact duplicates' captions join the kept sample's captions "
                                                    "(many URLs of one image are many alt-texts of it)")
     max_captions: int = Field(16, ge=1, description="at most this many captions on a sample after merging")
+    perceptual: PerceptualConfig = Field(default_factory=PerceptualConfig,
+                                         description="near duplicates by perceptual hash (operators/dedup/perceptual.py)")
+    semantic: SemanticConfig = Field(default_factory=SemanticConfig,
+                                     description="SemDeDup on the CLIP image embeddings (operators/dedup/semantic.py)")
 
     def steps(self) -> list:
         """The configured dedup steps in order."""
         out: list = []
         if self.exact:
             out.append(ExactDedupStep(self.merge_captions, self.max_captions))
+        if self.perceptual.enabled:
+            out.append(PerceptualDedupStep(self.perceptual))
+        if self.semantic.enabled:
+            out.append(SemanticDedupStep(self.semantic))
         return out
 
     def reads(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(c for s in self.steps() for c in s.reads()))
 
 
-REASONS = (EXACT_DUPLICATE,)
+REASONS = (EXACT_DUPLICATE, NEAR_DUPLICATE, SEMANTIC_DUPLICATE)
