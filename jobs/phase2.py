@@ -262,6 +262,9 @@ def run_steps(steps: list[Phase2Step], files: list[str], output_path: str,
         result: StepResult = step.run(ctx)
         applied = apply_decisions(ctx, step, result.decisions) if result.decisions is not None else \
             {"dropped": 0, "merged": 0}
+        wfs, wdir = fsspec_fs(ctx.work_dir(step.name), storage)
+        if wfs.exists(wdir):  # the step's intermediates, read by its decisions: done with now
+            wfs.rm(wdir, recursive=True)
         report = {"order": order, "stage": step.stage, **result.report, "entering": kept,
                   "dropped": applied["dropped"], "kept": kept - applied["dropped"]}
         if applied["merged"]:
