@@ -249,9 +249,11 @@ def test_planted_jpeg_copies_found_with_the_right_twin(ray_session, tmp_path):
     got = {k: r["duplicate_of"] for k, r in side.items() if r["status"] == "dropped"}
     assert got == want
     # the twins are the planted ones: originals are never dropped (largest or tied with a
-    # re-encode, and "o.." sorts before "o..-jpeg70"), a found copy names its own original
+    # re-encode, and "o.." sorts before "o..-jpeg70"), a found copy names its own original or, on a
+    # chain (a crop near the re-encode only), another copy of it
     assert not any(k in got for k in origin.values())
-    assert all(origin[k] == v for k, v in got.items())
+    assert all(origin[k] == origin.get(v, v) for k, v in got.items()), got
+    assert sum(v in origin for v in got.values()) <= 3
     by_kind = {kind: sum(f"o{i:02d}-{kind}" in got for i in range(24)) for kind in ("jpeg70", "half", "crop3")}
     print("planted copies found (of 24):", by_kind)
     assert by_kind["jpeg70"] >= 18 and by_kind["half"] >= 18 and by_kind["crop3"] >= 6

@@ -63,6 +63,7 @@ NEAR_DUPLICATE = DropReason("near_duplicate", DROPPED,
 SPLIT_DEPTH = 2  # levels of pigeonhole re-splitting inside an oversized band group
 NONE = np.iinfo(np.int64).max
 KEY = "_band_key"
+PART = "_part"
 BAND_SHIFT = 58  # band index in the key's top 6 bits, band value (<= 58 bits) below
 
 
@@ -113,6 +114,23 @@ def _update_runs(h: np.ndarray, r: np.ndarray, run: np.ndarray, best: np.ndarray
             best[o:] = np.where(near, np.minimum(best[o:], r[:-o]), best[o:])
 
 
+def _small_runs(hs: np.ndarray, rs: np.ndarray, run: np.ndarray, size_of: np.ndarray, d: int, limit: int) -> np.ndarray:
+    """Arrays sorted by (run, rank): best twin rank of each element in runs of at most ``limit``
+    (all pairs), in size classes so that the offsets loop spans the class, not the largest run."""
+    best = np.full(len(hs), NONE, np.int64)
+    small = size_of <= limit
+    lo = 1
+    while lo < limit:
+        hi = min(lo * 4, limit)
+        sel = np.flatnonzero(small & (size_of > lo) & (size_of <= hi))
+        if len(sel):
+            part = best[sel]
+            _update_runs(hs[sel], rs[sel], run[sel], part, d, hi)
+            best[sel] = part
+        lo = hi
+    return best
+
+
 def _windowed(h: np.ndarray, r: np.ndarray, d: int, window: int) -> np.ndarray:
     """Approximate: sorted by full hash, each hash against the next ``window`` ones."""
     order = np.argsort(h, kind="stable")
@@ -159,20 +177,8 @@ def _distinct(h: np.ndarray, r: np.ndarray, fixed: int, d: int, cfg: PerceptualC
         starts = np.flatnonzero(np.r_[True, ks[1:] != ks[:-1]])
         sizes = np.diff(np.r_[starts, n])
         run = np.repeat(np.arange(len(starts)), sizes)
-        size_of = sizes[run]
-        small = size_of <= cfg.exact_group
-        # small runs, in size classes so that the offsets loop spans the class, not the largest run
-        sub = np.full(n, NONE, np.int64)
         hs, rs = h[order], r[order]
-        lo = 1
-        while lo < cfg.exact_group:
-            hi = min(lo * 4, cfg.exact_group)
-            sel = np.flatnonzero(small & (size_of > lo) & (size_of <= hi))
-            if len(sel):
-                part = sub[sel]
-                _update_runs(hs[sel], rs[sel], run[sel], part, d, hi)
-                sub[sel] = part
-            lo = hi
+        sub = _small_runs(hs, rs, run, sizes[run], d, cfg.exact_group)
         for s, size in zip(starts[sizes > cfg.exact_group], sizes[sizes > cfg.exact_group]):
             idx = np.arange(s, s + size)
             sub[idx] = np.minimum(sub[idx], _distinct(hs[idx], rs[idx], fixed | mask, d, cfg, depth + 1, stats))
@@ -215,8 +221,8 @@ def _area(t: pa.Table) -> np.ndarray:
     return w * hgt
 
 
-def _explode(t: pa.Table, masks: list[int]) -> pa.Table:
-    """One row per (sample, band): the group key, and what resolving a group needs."""
+def _explode(t: pa.Table, masks: list[int], partitions: int) -> pa.Table:
+    """One row per (sample, band): the group key, its hash partition, and what resolving needs."""
     t = t.filter(pc.is_valid(t.column("phash")))
     h = t.column("phash").to_numpy().astype(np.int64).view(np.uint64)
     area = _area(t)
@@ -226,7 +232,10 @@ def _explode(t: pa.Table, masks: list[int]) -> pa.Table:
         keys.append(((np.uint64(k) << np.uint64(BAND_SHIFT)) | ((h & np.uint64(mask)) >> np.uint64(shift)))
                     .view(np.int64))
     m = len(masks)
-    return pa.table({KEY: pa.array(np.concatenate(keys) if keys else np.zeros(0, np.int64)),
+    key = np.concatenate(keys) if keys else np.zeros(0, np.int64)
+    # the hash partition of the key (a multiplicative hash: band values are small consecutive ints)
+    part = ((key.view(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(33)) % np.uint64(partitions)
+    return pa.table({KEY: pa.array(key), PART: pa.array(part.astype(np.int32)),
                      "phash": pa.array(np.tile(h.view(np.int64), m)),
                      "area": pa.array(np.tile(area, m)),
                      "sample_id": pa.concat_arrays([t.column("sample_id").combine_chunks()] * m) if m else
@@ -235,39 +244,49 @@ def _explode(t: pa.Table, masks: list[int]) -> pa.Table:
                      pa.array([], pa.int32())})
 
 
-def _rank_order(area: np.ndarray, sid: np.ndarray) -> np.ndarray:
-    """Indices from best to worst: larger area first, then smaller sample_id."""
-    return np.lexsort((sid, -area))
-
-
-def _resolve_group(g: pa.Table, masks: list[int], d: int, cfg: PerceptualConfig) -> pa.Table:
-    """One (band, value) group: each member with a better-ranked twin, and that twin."""
-    sid = np.asarray(g.column("sample_id").to_pylist(), dtype=object)
+def _resolve_partition(g: pa.Table, masks: list[int], d: int, cfg: PerceptualConfig) -> pa.Table:
+    """The (band, value) groups of one hash partition, resolved together with numpy: each row with
+    a better-ranked twin in its group, and that twin."""
+    sid = g.column("sample_id").to_numpy(zero_copy_only=False).astype(str)
     area = g.column("area").to_numpy()
-    order = _rank_order(area, sid.astype(str))
-    h = g.column("phash").to_numpy()[order]
-    band = int(g.column(KEY)[0].as_py()) >> BAND_SHIFT
-    stats: dict = {}
-    best = best_twins(h, np.arange(len(h)), d, cfg, fixed=masks[band], stats=stats)
-    if stats:
-        log.warning("dedup.perceptual: band %d group of %d samples: %d sub-groups (%d rows) still over %d after %d "
-                    "splits, compared within a window of %d (approximate)", band, len(h), stats["windowed"],
-                    stats["windowed_rows"], cfg.exact_group, SPLIT_DEPTH, cfg.window)
+    key = g.column(KEY).to_numpy()
+    h = g.column("phash").to_numpy().view(np.uint64)
+    n = len(h)
+    # dense rank of each sample (its rows in several bands share it): larger area, then smaller id
+    by_rank = np.lexsort((sid, -area))
+    new = np.r_[True, (area[by_rank][1:] != area[by_rank][:-1]) | (sid[by_rank][1:] != sid[by_rank][:-1])]
+    rank = np.empty(n, np.int64)
+    rank[by_rank] = np.cumsum(new) - 1
+    row_of_rank = by_rank[new]
+    order = np.lexsort((rank, key))
+    ks, hs, rs = key[order], h[order], rank[order]
+    starts = np.flatnonzero(np.r_[True, ks[1:] != ks[:-1]]) if n else np.zeros(0, np.int64)
+    sizes = np.diff(np.r_[starts, n])
+    run = np.repeat(np.arange(len(starts)), sizes)
+    best = _small_runs(hs, rs, run, sizes[run], d, cfg.exact_group)
+    for s, size in zip(starts[sizes > cfg.exact_group], sizes[sizes > cfg.exact_group]):
+        band = int(ks[s]) >> BAND_SHIFT
+        stats: dict = {}
+        best[s:s + size] = best_twins(hs[s:s + size], rs[s:s + size], d, cfg, fixed=masks[band], stats=stats)
+        if stats:
+            log.warning("dedup.perceptual: band %d group of %d samples: %d sub-groups (%d rows) still over %d "
+                        "after %d splits, compared within a window of %d (approximate)", band, size,
+                        stats["windowed"], stats["windowed_rows"], cfg.exact_group, SPLIT_DEPTH, cfg.window)
     hit = np.flatnonzero(best != NONE)
-    me, twin = order[hit], order[best[hit]]
+    me, twin = order[hit], row_of_rank[best[hit]]
     files = g.column(FILE_COLUMN).to_numpy()
-    return pa.table({"sample_id": pa.array(sid[me].tolist(), pa.string()),
+    return pa.table({"sample_id": pa.array(sid[me], pa.string()),
                      FILE_COLUMN: pa.array(files[me], pa.int32()),
-                     "twin": pa.array(sid[twin].tolist(), pa.string()),
+                     "twin": pa.array(sid[twin], pa.string()),
                      "twin_area": pa.array(area[twin], pa.int64()),
-                     "distance": pa.array(popcount64((h[hit] ^ h[best[hit]]).view(np.uint64)), pa.int32())})
+                     "distance": pa.array(popcount64(h[me] ^ h[twin]), pa.int32())})
 
 
 def _decide(g: pa.Table) -> pa.Table:
     """A sample's twins over all bands: the best-ranked one is its duplicate_of."""
     area = g.column("twin_area").to_numpy()
     twins = np.asarray(g.column("twin").to_pylist(), dtype=str)
-    k = int(_rank_order(area, twins)[0])
+    k = int(np.lexsort((twins, -area))[0])
     dist = g.column("distance")[k].as_py()
     return drops([g.column(FILE_COLUMN)[0].as_py()], [g.column("sample_id")[0].as_py()], NEAR_DUPLICATE.name,
                  [f"pHash {dist} bits from {twins[k]}"], [str(twins[k])])
@@ -291,12 +310,14 @@ class PerceptualDedupStep(Phase2Step):
         cfg = self.config
         d = cfg.max_hamming
         masks = band_masks((1 << 64) - 1, d + 1)
-        parts = self.partitions or max(ctx.parallelism, ctx.num_files)
+        # about one data file's rows (times the bands) per partition, as dedup.exact
+        parts = self.partitions or max(ctx.parallelism, ctx.num_files * len(masks))
         report = {"max_hamming": d, "bands": len(masks),
                   "band_bits": [bin(m).count("1") for m in masks], "keep": cfg.keep,
                   "exact_group": cfg.exact_group, "window": cfg.window}
-        candidates = ctx.alive(self.reads()).map_batches(lambda t: _explode(t, masks), batch_format="pyarrow")
-        twins = candidates.groupby(KEY, num_partitions=parts).map_groups(
-            lambda g: _resolve_group(g, masks, d, cfg), batch_format="pyarrow")
+        candidates = ctx.alive(self.reads()).map_batches(lambda t: _explode(t, masks, parts), batch_format="pyarrow")
+        # groups by hash partition of (band, value), each partition's groups resolved together
+        twins = candidates.groupby(PART, num_partitions=parts).map_groups(
+            lambda g: _resolve_partition(g, masks, d, cfg), batch_format="pyarrow")
         decisions = twins.groupby("sample_id", num_partitions=parts).map_groups(_decide, batch_format="pyarrow")
         return StepResult(report, decisions)
