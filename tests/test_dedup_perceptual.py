@@ -309,3 +309,23 @@ def test_max_hamming_default():
     assert np.mean(np.array(dist["resize"]) <= d) >= 0.9
     assert np.mean(np.array(dist["jpeg"]) <= d) >= 0.75
     assert np.mean(np.array(dist["crop"]) <= d) >= 0.2
+
+
+# --- the sample web's planted copies ------------------------------------------------------------
+def test_sample_twins_are_found(ray_session, sample_dir, tmp_path):
+    """Every planted copy of jobs/samples/data.py (exact, re-encoded, resized, cropped) is dropped as
+    a near duplicate of its original by the step alone (dedup.exact off); no original is dropped."""
+    from pathlib import Path
+
+    from jobs.samples.data import sample_cases
+    from tests.conftest import N_GOOD
+
+    cases = [c for c in sample_cases(N_GOOD) if c.path.startswith("/img/") and c.expect == "kept" and
+             c.dup_of is None]
+    twins = {c.path: c.twin_of for c in cases if c.twin_of}
+    assert len(twins) == 12 and {p.split("-")[1] for p in twins} == {"exact", "jpeg", "resized", "cropped"}
+    root = Path(sample_dir) / "images"
+    rows = _hash_rows([(c.path, (root / c.path.removeprefix("/img/")).read_bytes()) for c in cases])
+    _, side = _run(tmp_path, rows)
+    got = {k: r["duplicate_of"] for k, r in side.items() if r["status"] == "dropped"}
+    assert got == twins

@@ -243,7 +243,7 @@ def test_sample_cases_cover_every_reason():
     assert {c.expect for c in cases} == set(EXPECT_REASONS)
     assert 250 <= len(cases) <= 500
     counts = expected_counts(cases)
-    assert counts["kept"] == 240 + 3 + 2 + 2  # good + flaky + rate-limited + redirected
+    assert counts["kept"] == 240 + 12 + 3 + 2 + 2  # good + planted copies + flaky + rate-limited + redirected
     assert counts["http_404"] >= 10 and counts["too_large"] == 3
     assert sample_cases() == cases  # deterministic order
 

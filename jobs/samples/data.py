@@ -46,6 +46,14 @@ EXPECT_REASONS = (
 
 # Index of the special good images (modulo n_good, so small n_good still gets them).
 _RGBA_PNG, _GIF, _GRAY, _EXIF_ROT = 10, 11, 12, 13
+# Planted copies of good images for phase-2 dedup (kind -> good image indices, never a special one
+# above, all below 16 so the smallest test sample has them): ``exact`` the same bytes under another
+# URL, ``jpeg`` re-encoded at quality 75, ``resized`` 0.6x (1.5x when that would fall under 64 px),
+# ``cropped`` 1.5% off each side; each a kept sample of phase 1, with its own alt text. The
+# generated images are smooth, so their pHash is less stable than a photo's; these originals are
+# ones whose copies stay within dedup.perceptual's default (tests/test_dedup_perceptual.py prints
+# the distributions over many images).
+TWINS = {"exact": (2, 4, 8), "jpeg": (3, 7, 14), "resized": (15, 1, 7), "cropped": (6, 9, 0)}
 
 
 @dataclass
@@ -58,6 +66,7 @@ class SampleCase:
     expect: str          # "kept" or the expected drop reason
     raw_url: str | None = None  # used verbatim (after placeholder substitution) when set
     dup_of: str | None = None   # path of the row this one must merge with (same sample)
+    twin_of: str | None = None  # path of the good image this one is a planted copy of (phase-2 dedup)
 
     def url(self, base_url: str) -> str | None:
         """The URL written to the list: raw_url with placeholders, base+path, or None."""
@@ -82,6 +91,32 @@ def good_image_names(n_good: int) -> list[str]:
         ext = special.get(i) or {5: "png", 6: "webp"}.get(i % 8, "jpg")
         names.append(f"{i:05d}.{ext}")
     return names
+
+
+def twin_names(n_good: int) -> list[tuple[str, str, str]]:
+    """(kind, file name of the copy, file name of its original) of the planted copies."""
+    names = good_image_names(n_good)
+    return [(kind, f"twin-{kind}-{k}.jpg", names[i % n_good])
+            for kind, idx in TWINS.items() for k, i in enumerate(idx)]
+
+
+def _write_twins(root_dir: str, n_good: int) -> None:
+    for kind, name, original in twin_names(n_good):
+        src = os.path.join(root_dir, original)
+        dst = os.path.join(root_dir, name)
+        if kind == "exact":
+            with open(src, "rb") as f, open(dst, "wb") as g:
+                g.write(f.read())
+            continue
+        im = Image.open(src).convert("RGB")
+        w, h = im.size
+        if kind == "resized":
+            scale = 0.6 if 0.6 * min(w, h) >= 64 else 1.5
+            im = im.resize((round(w * scale), round(h * scale)), Image.Resampling.LANCZOS)
+        elif kind == "cropped":
+            dx, dy = round(0.015 * w), round(0.015 * h)
+            im = im.crop((dx, dy, w - dx, h - dy))
+        _save(im, dst, quality=75 if kind == "jpeg" else 90)
 
 
 def _pixels(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
@@ -156,6 +191,8 @@ def generate_images(root_dir: str, n_good: int = 240, seed: int = 0) -> None:
             _save(im, path, exif=exif)
         else:
             _save(im, path)
+
+    _write_twins(root_dir, n_good)  # from the files just written: the generator's stream is unchanged
 
     for k in range(3):
         _save(Image.fromarray(_pixels(rng, 16, 16), "RGB"), os.path.join(root_dir, f"small-{k}.jpg"))
@@ -279,6 +316,11 @@ def sample_cases(n_good: int = 240) -> list[SampleCase]:
         p = f"/img/{name(k)}"
         cases.append(SampleCase(p, cap, None, "kept", raw_url=prefix + p + suffix, dup_of=p))
 
+    # Planted copies under their own URLs (phase 1 keeps them; phase-2 dedup finds them).
+    for kind, twin, original in twin_names(n_good):
+        cases.append(SampleCase(f"/img/{twin}", f"the same picture again ({kind} copy of {original})", None,
+                                "kept", twin_of=f"/img/{original}"))
+
     def add(path: str, expect: str, caption: str = "a picture", title: str | None = None) -> None:
         cases.append(SampleCase(path, caption, title, expect))
 
@@ -371,7 +413,7 @@ def build_dryrun_sample(work_dir: str, base_url: str, n_good: int = 240, fmt: st
     """Generates work_dir/images once (marker file) and writes work_dir/urls.<fmt>; returns its path."""
     img_dir = images_dir(work_dir)
     marker = os.path.join(img_dir, MARKER)
-    stamp = f"n_good={n_good} seed=0\n"
+    stamp = f"n_good={n_good} seed=0 twins={len(twin_names(n_good))}\n"
     if not (os.path.exists(marker) and _read(marker) == stamp):
         generate_images(img_dir, n_good=n_good, seed=0)
         with open(marker, "w", encoding="utf-8") as f:

@@ -121,11 +121,11 @@ def _small_runs(hs: np.ndarray, rs: np.ndarray, run: np.ndarray, size_of: np.nda
     small = size_of <= limit
     lo = 1
     while lo < limit:
-        hi = min(lo * 4, limit)
+        hi = min(lo * 2, limit)
         sel = np.flatnonzero(small & (size_of > lo) & (size_of <= hi))
         if len(sel):
             part = best[sel]
-            _update_runs(hs[sel], rs[sel], run[sel], part, d, hi)
+            _update_runs(hs[sel], rs[sel], run[sel], part, d, int(size_of[sel].max()))
             best[sel] = part
         lo = hi
     return best
@@ -247,14 +247,18 @@ def _explode(t: pa.Table, masks: list[int], partitions: int) -> pa.Table:
 def _resolve_partition(g: pa.Table, masks: list[int], d: int, cfg: PerceptualConfig) -> pa.Table:
     """The (band, value) groups of one hash partition, resolved together with numpy: each row with
     a better-ranked twin in its group, and that twin."""
-    sid = g.column("sample_id").to_numpy(zero_copy_only=False).astype(str)
+    sid = g.column("sample_id").combine_chunks()
     area = g.column("area").to_numpy()
     key = g.column(KEY).to_numpy()
     h = g.column("phash").to_numpy().view(np.uint64)
     n = len(h)
     # dense rank of each sample (its rows in several bands share it): larger area, then smaller id
-    by_rank = np.lexsort((sid, -area))
-    new = np.r_[True, (area[by_rank][1:] != area[by_rank][:-1]) | (sid[by_rank][1:] != sid[by_rank][:-1])]
+    by_rank = pc.sort_indices(pa.table({"a": -area, "s": sid}),
+                              sort_keys=[("a", "ascending"), ("s", "ascending")]).to_numpy()
+    sorted_sid = sid.take(pa.array(by_rank))
+    new = np.r_[True, (area[by_rank][1:] != area[by_rank][:-1])
+                | pc.not_equal(sorted_sid[1:], sorted_sid[:-1]).to_numpy(zero_copy_only=False)] if n else \
+        np.zeros(0, bool)
     rank = np.empty(n, np.int64)
     rank[by_rank] = np.cumsum(new) - 1
     row_of_rank = by_rank[new]
@@ -275,9 +279,9 @@ def _resolve_partition(g: pa.Table, masks: list[int], d: int, cfg: PerceptualCon
     hit = np.flatnonzero(best != NONE)
     me, twin = order[hit], row_of_rank[best[hit]]
     files = g.column(FILE_COLUMN).to_numpy()
-    return pa.table({"sample_id": pa.array(sid[me], pa.string()),
+    return pa.table({"sample_id": sid.take(pa.array(me, pa.int64())),
                      FILE_COLUMN: pa.array(files[me], pa.int32()),
-                     "twin": pa.array(sid[twin], pa.string()),
+                     "twin": sid.take(pa.array(twin, pa.int64())),
                      "twin_area": pa.array(area[twin], pa.int64()),
                      "distance": pa.array(popcount64(h[me] ^ h[twin]), pa.int32())})
 
