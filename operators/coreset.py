@@ -32,8 +32,9 @@ R-th float32 similarity plus a bound on float32's error, ``sim_margin``). A ``gr
 each centroid's global top R (and the largest floor), so the driver receives at most k x R rows.
 A merged list holds *every* open-set sample above its floor, so it is a prefix of the centroid's
 full ranking; the driver replays the rounds on these prefixes. If a centroid reaches the end of its
-prefix before the stopping point, its R is doubled and the shards are asked again (the replay
-starts over), so the picks **equal** the single-process algorithm's (tests/test_coreset.py checks
+prefix before the stopping point, the R of the centroids that ran out is multiplied by 4 (by 2 for
+those past half of theirs) and the shards are asked again (the replay starts over), so the picks
+**equal** the single-process algorithm's (tests/test_coreset.py checks
 this against a plain greedy loop over the full matrix).
 
 **k-center greedy** (Sener and Savarese, "Active Learning for Convolutional Neural Networks: A
@@ -98,7 +99,7 @@ class CoresetConfig(BaseModel):
         "centroids, for diversity (Sener & Savarese, 2018)"))
     seed: int = Field(0, description="k-means seed and the budget round's random subset")
     candidates: int | None = Field(None, ge=1, description=(
-        "first per-centroid candidates each shard proposes (R); doubled where a list runs out. null = "
+        "first per-centroid candidates each shard proposes (R); grown where a list runs out. null = "
         "max(64, 2 * ceil(budget / k)) with a budget, else max(64, 4 * stop_round)"))
     num_gpus: float = Field(0, ge=0, description="GPUs per proposal task (faiss-gpu where installed)")
 
@@ -251,6 +252,7 @@ class Rounds:
     stopped_value: float | None = None  # the value of the round that stopped it (not added)
     starving: list[int] = field(default_factory=list)  # centroids whose prefix ran out: fetch more
     scored: int = 0  # usable open-set rows
+    used: list[int] = field(default_factory=list)  # how far into its prefix each centroid got
 
 
 def prefixes_of(merged: pa.Table, k: int) -> Prefixes:
@@ -281,10 +283,15 @@ def replay_rounds(p: Prefixes, budget: int | None, stop_ratio: float | None, sto
                   seed: int) -> Rounds:
     """SimCore's greedy rounds (module docstring) on the prefixes; ``starving`` lists the centroids
     whose prefix ran out before the stopping point (then nothing else is meaningful)."""
+    out = Rounds(used=[0] * len(p.keys))
+    _replay(p, out, budget, stop_ratio, stop_round, seed)
+    return out
+
+
+def _replay(p: Prefixes, out: Rounds, budget, stop_ratio, stop_round, seed) -> None:
     k = len(p.keys)
-    out = Rounds()
     picked: set = set()
-    ptr = [0] * k
+    ptr = out.used  # updated in place: the caller sees how far each centroid got
     threshold = 0.0
     r = 0
     while budget is None or len(out.picks) < budget:
@@ -301,14 +308,14 @@ def replay_rounds(p: Prefixes, budget: int | None, stop_ratio: float | None, sto
                     out.starving.append(q)
                     continue
                 out.stop_reason = "exhausted"  # the whole ranking is picked: so is the whole open set
-                return out
+                return
             ptr[q] = j + 1
             total += float(p.sims[q][j])
             if keys[j] not in new_set:
                 new_set.add(keys[j])
                 new.append(keys[j])
         if out.starving:
-            return out
+            return
         value = total / k
         if stop_ratio is not None:
             if r == stop_round:
@@ -316,7 +323,7 @@ def replay_rounds(p: Prefixes, budget: int | None, stop_ratio: float | None, sto
                 out.threshold = threshold
             if value < threshold:
                 out.stop_reason, out.stopped_value = "similarity", value
-                return out
+                return
         if budget is not None and len(out.picks) + len(new) > budget:
             need = budget - len(out.picks)
             chosen = np.sort(np.random.default_rng(seed).choice(len(new), size=need, replace=False))
@@ -326,7 +333,6 @@ def replay_rounds(p: Prefixes, budget: int | None, stop_ratio: float | None, sto
         picked.update(new)
         out.values.append(value)
     out.stop_reason = out.stop_reason or "budget"
-    return out
 
 
 def first_candidates(cfg: CoresetConfig, k: int) -> int:
@@ -484,7 +490,19 @@ class CoresetStep(Phase2Step):
                 return rounds, passes, r_of
             log.info("coreset: %d centroids ran out of candidates at R=%d; asking the shards again",
                      len(rounds.starving), int(r_of[rounds.starving].max()))
-            r_of[rounds.starving] *= 2
+            r_of[:] = grown(r_of, rounds, pre)
+
+
+def grown(r_of: np.ndarray, rounds: Rounds, pre: Prefixes) -> np.ndarray:
+    """Next pass's R: x4 for the centroids that ran out, x2 for those past half of their prefix
+    (each pass reads the whole open set, so fewer, larger passes)."""
+    out = r_of.copy()
+    for q in range(len(r_of)):
+        if q in rounds.starving:
+            out[q] = 4 * r_of[q]
+        elif rounds.used[q] * 2 > len(pre.keys[q]) and pre.floors[q] != -math.inf:
+            out[q] = 2 * r_of[q]
+    return out
 
 
 def propose_all(ds, centers: np.ndarray, r_of: np.ndarray, partitions: int, num_gpus: float = 0) -> pa.Table:

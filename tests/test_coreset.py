@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from operators.coreset import (CoresetConfig, CoresetStep, centroids_of, merge_proposals, prefixes_of, propose,
-                               replay_rounds)
+from operators.coreset import (CoresetConfig, CoresetStep, centroids_of, grown, merge_proposals, prefixes_of,
+                               propose, replay_rounds)
 from operators.coreset_target import load_target
 
 DIM = 16
@@ -175,7 +175,7 @@ def test_budget_keeps_a_seeded_subset_of_the_last_round(ray_session, tmp_path):
     assert {k[1] for k in first_round} <= kept
 
 
-@pytest.mark.parametrize("n_files,candidates,budget", [(1, 2, None), (4, 3, None), (5, 64, None), (3, 2, 45)])
+@pytest.mark.parametrize("n_files,candidates,budget", [(4, 3, None), (5, 64, None), (3, 2, 45)])
 def test_distributed_equals_single_process(ray_session, tmp_path, n_files, candidates, budget):
     x = clustered(400, seed=5)
     tgt = clustered(40, seed=6)
@@ -190,17 +190,18 @@ def test_distributed_equals_single_process(ray_session, tmp_path, n_files, candi
 
 
 def simcore_in_memory(tables, centroids, r0, **kw):
-    """The step's driver loop without Ray: propose per table, merge per centroid, replay, double R."""
+    """The step's driver loop without Ray: propose per table, merge per centroid, replay, grow R."""
     k = len(centroids)
     r_of = np.full(k, r0, np.int64)
     while True:
         props = pa.concat_tables([propose(t, centroids, r_of) for t in tables])
         merged = pa.concat_tables([merge_proposals(props.filter(pa.compute.equal(props.column("q"), q)), r_of)
                                    for q in range(k)])
-        rounds = replay_rounds(prefixes_of(merged, k), **kw)
+        pre = prefixes_of(merged, k)
+        rounds = replay_rounds(pre, **kw)
         if not rounds.starving:
             return rounds
-        r_of[rounds.starving] *= 2
+        r_of = grown(r_of, rounds, pre)
 
 
 @pytest.mark.parametrize("seed", range(6))
