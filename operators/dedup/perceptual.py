@@ -7,8 +7,9 @@ within a few bits. Near pairs over the whole run are found without comparing all
 Hashing", CVPR 2012; Manku, Jain & Das Sarma, WWW 2007, for the same idea on simhashes): the 64
 bits are split into ``m = max_hamming + 1`` bands, and two hashes within ``max_hamming`` bits agree
 exactly on at least one band (pigeonhole). Each hash is emitted once per band with the key
-``(band, band value)``; Ray Data's ``groupby`` on that key brings the candidates together, and
-each group is resolved with numpy: Hamming distance = popcount of the XOR, verified exactly.
+``(band, band value)``; a Ray Data ``groupby`` on (a hash partition of) that key brings the
+candidates together, and each group is resolved with numpy: Hamming distance = popcount of the
+XOR, verified exactly.
 
 **Which sample is kept.** Samples are ranked by original image area (``orig_width *
 orig_height``, larger first: the better copy of a resized one), then by ``sample_id`` (a hash of
@@ -17,8 +18,10 @@ the URL, so the choice does not depend on crawl order or partitioning). A sample
 best-ranked twin. This is not connected components: on a chain ``a ~ b ~ c`` with ``a`` not near
 ``c`` and ranks ``a > b > c``, both ``b`` and ``c`` are dropped and ``c``'s ``duplicate_of`` is ``b``,
 itself dropped (follow ``duplicate_of`` to the kept sample). Every decision is local to the pairs
-a sample is in, so each group gives each member its best twin seen there and one groupby on
-``sample_id`` keeps the best over the bands: no process holds the run, no pair list is built.
+a sample is in, so each group gives each member its best twin seen there and a second shuffle by
+``sample_id`` (crc32 partitions) keeps the best over the bands: no process holds the run, no pair
+list is built. Groups are hash partitions of ``(band, value)`` (as many as data files times
+bands); a partition resolves all its groups together with numpy sorts, not one call per group.
 
 **Large groups.** A band value shared by very many samples (all-black images, a logo) must not
 cost its size squared:
@@ -36,14 +39,16 @@ cost its size squared:
    (approximate: a near pair whose first differing bit comes early may be missed; a warning is
    logged with the group's size).
 
-Memory: a Ray Data group is held by one worker (about 40 bytes a row for a band value shared by
-that many samples). Cost for random hashes is ``m * n^2 / 2^(64/m)`` comparisons before the
-splits; benchmarks/dedup_perceptual_bench.py measures it against a brute-force scan.
+Memory: a partition is held by one worker: about one data file's rows, plus any band value
+shared by very many samples (about 40 bytes a row). Cost for random hashes is
+``m * n^2 / 2^(64/m)`` comparisons before the splits; benchmarks/dedup_perceptual_bench.py
+measures it against a brute-force scan.
 """
 
 from __future__ import annotations
 
 import logging
+import zlib
 from typing import Literal
 
 import numpy as np
@@ -287,13 +292,24 @@ def _resolve_partition(g: pa.Table, masks: list[int], d: int, cfg: PerceptualCon
 
 
 def _decide(g: pa.Table) -> pa.Table:
-    """A sample's twins over all bands: the best-ranked one is its duplicate_of."""
-    area = g.column("twin_area").to_numpy()
-    twins = np.asarray(g.column("twin").to_pylist(), dtype=str)
-    k = int(np.lexsort((twins, -area))[0])
-    dist = g.column("distance")[k].as_py()
-    return drops([g.column(FILE_COLUMN)[0].as_py()], [g.column("sample_id")[0].as_py()], NEAR_DUPLICATE.name,
-                 [f"pHash {dist} bits from {twins[k]}"], [str(twins[k])])
+    """Each sample's twins over all bands (a partition by sample_id): the best-ranked one (larger
+    area, then smaller sample_id) is its duplicate_of."""
+    order = pc.sort_indices(g, sort_keys=[("sample_id", "ascending"), ("twin_area", "descending"),
+                                          ("twin", "ascending")])
+    g = g.take(order)
+    sid = g.column("sample_id").combine_chunks()
+    first = np.r_[True, pc.not_equal(sid[1:], sid[:-1]).to_numpy(zero_copy_only=False)] if len(sid) else \
+        np.zeros(0, bool)
+    g = g.filter(pa.array(first))
+    msgs = [f"pHash {d} bits from {t}" for d, t in zip(g.column("distance").to_pylist(), g.column("twin").to_pylist())]
+    return drops(g.column(FILE_COLUMN).to_pylist(), g.column("sample_id").to_pylist(), NEAR_DUPLICATE.name, msgs,
+                 g.column("twin").to_pylist())
+
+
+def _sample_partition(t: pa.Table, partitions: int) -> pa.Table:
+    """A twin row's partition by its sample_id (crc32; only samples with a better twin get here)."""
+    part = [zlib.crc32(s.encode()) % partitions for s in t.column("sample_id").to_pylist()]
+    return t.append_column(PART, pa.array(part, pa.int32()))
 
 
 class PerceptualDedupStep(Phase2Step):
@@ -323,5 +339,6 @@ class PerceptualDedupStep(Phase2Step):
         # groups by hash partition of (band, value), each partition's groups resolved together
         twins = candidates.groupby(PART, num_partitions=parts).map_groups(
             lambda g: _resolve_partition(g, masks, d, cfg), batch_format="pyarrow")
-        decisions = twins.groupby("sample_id", num_partitions=parts).map_groups(_decide, batch_format="pyarrow")
+        decisions = twins.map_batches(lambda t: _sample_partition(t, parts), batch_format="pyarrow").groupby(
+            PART, num_partitions=parts).map_groups(_decide, batch_format="pyarrow")
         return StepResult(report, decisions)
