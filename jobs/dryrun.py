@@ -20,6 +20,17 @@ from jobs.samples.server import SampleServer
 log = logging.getLogger(__name__)
 
 
+def _target_folder(work: Path, n: int = 8) -> str:
+    """The coreset's target set for the dry run: a folder with a few of the sample's good images."""
+    target = work / "target"
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    good = sorted(p for p in Path(images_dir(str(work))).rglob("*.jpg") if p.stat().st_size > 2000)[:n]
+    for p in good:
+        shutil.copy(p, target / p.name)
+    return str(target)
+
+
 def run_dryrun(work_dir: str = "imgcurate-dryrun", overrides: list[str] | None = None,
                n_good: int = 240) -> tuple[dict, str]:
     """Run the dry run; returns (run manifest, output path)."""
@@ -33,6 +44,8 @@ def run_dryrun(work_dir: str = "imgcurate-dryrun", overrides: list[str] | None =
         urls = build_dryrun_sample(str(work), server.base_url, n_good=n_good)
         data["input"]["paths"] = [urls]
         data["output"]["path"] = str(out)
+        if data.get("coreset", {}).get("enabled"):
+            data["coreset"]["target"] = _target_folder(work)
         cfg = load_config(data=data, overrides=overrides)
         log.info("dry run: serving %s from %s", urls, server.base_url)
         manifest = curate.run(cfg)
