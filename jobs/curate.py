@@ -426,9 +426,9 @@ def summary_table(manifest: dict) -> str:
         d = manifest["download"]
         lines.append(f"download: {d['mean_open_requests']:.1f} open requests per actor on average while it had work, "
                      f"of download.concurrency {d['concurrency']} ({d['occupancy']:.0%})")
-    for name, step in (manifest.get("phase2") or {}).items():
+    for name, step in sorted((manifest.get("phase2") or {}).items(), key=lambda kv: kv[1].get("order", 0)):
         detail = (f", top {step['fraction']:g} of {step['scored']} scored, threshold {step['threshold']:.4f}"
-                  if "threshold" in step and step["threshold"] is not None else "")
+                  if "fraction" in step and step.get("threshold") is not None else "")
         merged = f", {step['merged']} captions merged" if step.get("merged") else ""
         lines.append(f"phase 2, step {step['order']} {name}: {step['entering']} -> {step['kept']} kept "
                      f"({step['dropped']} dropped{merged}{detail})")
@@ -442,7 +442,8 @@ def summary_table(manifest: dict) -> str:
                      f"(each sample's final status in {final['sidecars']})")
     if manifest.get("compression"):
         c = manifest["compression"]
-        lines.append(f"compression (reward top fraction): {c['compression_ratio']:.1%} removed, "
+        lines.append(f"compression (every phase-2 step, the reward top fraction among them): "
+                     f"{c['compression_ratio']:.1%} removed, "
                      f"{c['kept']} of {c['samples']} samples kept")
     if manifest.get("recaption"):
         r = manifest["recaption"]
