@@ -100,7 +100,7 @@ class CoresetConfig(BaseModel):
     seed: int = Field(0, description="k-means seed and the budget round's random subset")
     candidates: int | None = Field(None, ge=1, description=(
         "first per-centroid candidates each shard proposes (R); grown where a list runs out. null = "
-        "max(64, 2 * ceil(budget / k)) with a budget, else max(64, 4 * stop_round)"))
+        "max(64, 2 * ceil(budget / k)) with a budget, else max(64, 16 * stop_round)"))
     num_gpus: float = Field(0, ge=0, description="GPUs per proposal task (faiss-gpu where installed)")
 
     @model_validator(mode="after")
@@ -340,7 +340,7 @@ def first_candidates(cfg: CoresetConfig, k: int) -> int:
         return cfg.candidates
     if cfg.budget is not None:
         return max(64, 2 * -(-cfg.budget // k))
-    return max(64, 4 * cfg.stop_round)
+    return max(64, 16 * cfg.stop_round)
 
 
 # --- k-center greedy ------------------------------------------------------------------------------
