@@ -109,10 +109,10 @@ def test_several_waves_and_input_formats(ray_session, image_server, tmp_path):
 def test_clip_top_fraction_over_the_whole_run(ray_session, image_server, tmp_path):
     cases = [c for c in sample_cases(N_GOOD) if c.expect == "kept"][:40]
     urls = write_url_list(cases, image_server.base_url, str(tmp_path / "urls.csv"))
-    # dedup off: the sample web serves some images under several URLs, and here the fraction is
+    # dedup off: the sample web serves some images under several URLs (and near copies), and here the fraction is
     # checked over every scored sample (dedup's own run is tested in test_dedup_*.py)
     cfg = job_config(urls, str(tmp_path / "out"), selection={"clip_top_fraction": 0.3},
-                     plan={"num_buckets": 4, "shard_rows": 8}, dedup={"exact": False})
+                     plan={"num_buckets": 4, "shard_rows": 8}, dedup={"exact": False, "perceptual": {"enabled": False}})
     manifest = curate.run(cfg)
     sel = manifest["phase2"]["selection.clip_top_fraction"]
     data = pq.read_table(str(tmp_path / "out" / "data"))
@@ -133,7 +133,7 @@ def test_clip_top_fraction_over_the_whole_run(ray_session, image_server, tmp_pat
     # `imgcurate phase2`: another fraction over the same phase-1 output, nothing run again in phase 1
     data_files = sorted(p.name for p in (tmp_path / "out" / "data").rglob("*.parquet"))
     cfg2 = job_config(urls, str(tmp_path / "out"), selection={"clip_top_fraction": 0.5},
-                      plan={"num_buckets": 4, "shard_rows": 8}, dedup={"exact": False})
+                      plan={"num_buckets": 4, "shard_rows": 8}, dedup={"exact": False, "perceptual": {"enabled": False}})
     again = curate.run(cfg2, phase2_only=True)
     assert again["waves_resumed"] == len(again["waves"])
     assert sorted(p.name for p in (tmp_path / "out" / "data").rglob("*.parquet")) == data_files

@@ -51,6 +51,8 @@ def write_job(tmp_path: Path, server) -> Path:
     cfg["recaption"]["enabled"] = False
     cfg["reward"]["enabled"] = False
     cfg.pop("selection", None)  # the dry run's reward top fraction needs the reward stage
+    cfg.pop("coreset", None)  # and its coreset and semantic dedup the CLIP embeddings
+    cfg["dedup"]["semantic"]["enabled"] = False
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
