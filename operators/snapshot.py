@@ -168,7 +168,9 @@ def _sources(files: list[str], output_path: str, storage: StorageConfig | None,
     """The data files in publishing order with their sidecars, and where status comes from:
     ``final`` (phase 2 committed its sidecars) or ``data`` (no phase-2 step ran). ``final``: True
     requires the sidecars, False ignores them, None takes them when phase 2 committed them."""
-    files = sorted(dict.fromkeys(files))
+    # Phase 1 lists its files as paths on the output's filesystem (``bucket/key`` for s3://).
+    scheme = output_path.split("://", 1)[0] + "://" if "://" in output_path else ""
+    files = sorted(dict.fromkeys(f if "://" in f or not scheme else scheme + f for f in files))
     names = [posixpath.basename(f) for f in files]
     if len(set(names)) != len(names):
         raise ValueError("publish: two data files share a basename; their sidecars would collide")

@@ -134,7 +134,13 @@ def test_clip_top_fraction_over_the_whole_run(ray_session, image_server, tmp_pat
     data_files = sorted(p.name for p in (tmp_path / "out" / "data").rglob("*.parquet"))
     cfg2 = job_config(urls, str(tmp_path / "out"), selection={"clip_top_fraction": 0.5},
                       plan={"num_buckets": 4, "shard_rows": 8}, dedup={"exact": False, "perceptual": {"enabled": False}})
+    snap1 = tmp_path / "out" / "snapshots" / "v=0001"
+    before = {p.name: p.read_bytes() for p in snap1.iterdir()}
     again = curate.run(cfg2, phase2_only=True)
+    # a new snapshot version, chained to the first, which is left as it was
+    assert (manifest["snapshot"]["version"], again["snapshot"]["version"], again["snapshot"]["parent"]) == (1, 2, 1)
+    assert {p.name: p.read_bytes() for p in snap1.iterdir()} == before
+    assert again["snapshot"]["kept"] == again["final"]["kept"] > manifest["final"]["kept"]
     assert again["waves_resumed"] == len(again["waves"])
     assert sorted(p.name for p in (tmp_path / "out" / "data").rglob("*.parquet")) == data_files
     sel2 = again["phase2"]["selection.clip_top_fraction"]
