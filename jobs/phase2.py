@@ -129,9 +129,12 @@ class Phase2Context:
         """Where a step keeps its intermediate files (under the output, rewritten by a rerun)."""
         return join(self.output_path, WORK_DIR, step)
 
-    def alive(self, columns: list[str] | tuple[str, ...] = ()) -> "ray.data.Dataset":
+    def alive(self, columns: list[str] | tuple[str, ...] = (), then=None) -> "ray.data.Dataset":
         """The samples still kept: ``_file``, ``sample_id``, ``status`` and ``columns`` (captions
-        and caption_sources as merged by earlier steps), one read task per data file."""
+        and caption_sources as merged by earlier steps), one read task per data file. ``then``
+        (a function of the table) runs inside the read, on every file's rows, even none: a step
+        that keys its rows for a shuffle passes its keying here, so no block (say, of a file with
+        no sample left) reaches the shuffle without the key column."""
         wanted = [c for c in dict.fromkeys(columns) if c not in ("sample_id", "status", FILE_COLUMN)]
         files, sidecars, root, storage = self.files, [self.sidecar(i) for i in range(self.num_files)], \
             self.output_path, self.storage
@@ -139,6 +142,8 @@ class Phase2Context:
         def read(batch: pa.Table) -> pa.Table:
             out = [_alive_rows(int(i), files[int(i)], sidecars[int(i)], wanted, root, storage)
                    for i in batch.column("i").to_pylist()]
+            if then is not None:
+                out = [then(t) for t in out]
             return pa.concat_tables(out) if out else pa.table({})
 
         ds = ray.data.from_items([{"i": i} for i in range(self.num_files)], override_num_blocks=max(1, self.num_files))

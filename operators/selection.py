@@ -210,7 +210,7 @@ class TopFractionStep(Phase2Step):
         col = self.column
 
         def hist(high: int | None) -> np.ndarray:
-            ds = ctx.alive([col]).map_batches(lambda t: _bins(t, col, high), batch_format="pyarrow")
+            ds = ctx.alive([col], then=lambda t: _bins(t, col, high))
             out = np.zeros(BINS, np.int64)
             for row in ds.groupby("bin").sum("n").take_all():
                 out[int(row["bin"])] = int(row["sum(n)"])
@@ -226,7 +226,7 @@ class TopFractionStep(Phase2Step):
             return drops(t.column("_file").take(sel).to_pylist(), t.column("sample_id").take(sel).to_pylist(),
                          reason, msgs)
 
-        decisions = ctx.alive([col]).map_batches(decide, batch_format="pyarrow")
+        decisions = ctx.alive([col], then=decide)
         report = {"column": col, "fraction": self.fraction, "scored": cut.n, "target_kept": cut.k,
                   "threshold": threshold}
         return StepResult(report, decisions)

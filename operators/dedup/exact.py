@@ -126,7 +126,7 @@ class ExactDedupStep(Phase2Step):
             t = t.filter(pc.is_valid(t.column("sha256")))
             return t.append_column(PART, partition_of(t.column("sha256"), parts))
 
-        ds = ctx.alive(cols).map_batches(keyed, batch_format="pyarrow")
+        ds = ctx.alive(cols, then=keyed)
         decisions = ds.groupby(PART, num_partitions=min(parts, ctx.parallelism)).map_groups(
             lambda g: resolve_exact(g, merge, max_captions, scored), batch_format="pyarrow")
         return StepResult({"partitions": parts, "merge_captions": merge}, decisions)

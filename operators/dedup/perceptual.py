@@ -335,7 +335,7 @@ class PerceptualDedupStep(Phase2Step):
         report = {"max_hamming": d, "bands": len(masks),
                   "band_bits": [bin(m).count("1") for m in masks], "keep": cfg.keep,
                   "exact_group": cfg.exact_group, "window": cfg.window}
-        candidates = ctx.alive(self.reads()).map_batches(lambda t: _explode(t, masks, parts), batch_format="pyarrow")
+        candidates = ctx.alive(self.reads(), then=lambda t: _explode(t, masks, parts))
         # groups by hash partition of (band, value), each partition's groups resolved together
         twins = candidates.groupby(PART, num_partitions=parts).map_groups(
             lambda g: _resolve_partition(g, masks, d, cfg), batch_format="pyarrow")
