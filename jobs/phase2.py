@@ -35,11 +35,11 @@ import pyarrow.parquet as pq
 import ray
 
 from operators.base import KEPT, STATUS_COLUMNS, count_outcomes, set_columns
-from operators.phase2 import DECISION_SCHEMA, DUPLICATE_OF, FILE_COLUMN, MERGED_COLUMNS, Phase2Step, StepResult
+from operators.phase2 import (DECISION_SCHEMA, DUPLICATE_OF, FILE_COLUMN, FINAL_DIR, FINAL_MARKER, MERGED_COLUMNS,
+                              Phase2Step, StepResult)
 from operators.storage import StorageConfig, arrow_fs, fsspec_fs, join, write_json_atomic
 
 log = logging.getLogger(__name__)
-FINAL_DIR = "final"
 WORK_DIR = "_phase2"
 SIDE_COLUMNS = ["sample_id", *STATUS_COLUMNS]
 SIDECAR_SCHEMA = pa.schema([("sample_id", pa.string()), ("status", pa.string()), ("drop_stage", pa.string()),
@@ -252,7 +252,7 @@ def run_steps(steps: list[Phase2Step], files: list[str], output_path: str,
     ctx = Phase2Context(files, output_path, storage)
     # The commit marker goes first: sidecars being rewritten are never trusted (the snapshot
     # publisher requires the marker), and a crashed rerun leaves none.
-    fs, marker = fsspec_fs(join(ctx.sidecar_dir, "_FINAL.json"), storage)
+    fs, marker = fsspec_fs(join(ctx.sidecar_dir, FINAL_MARKER), storage)
     if fs.exists(marker):
         fs.rm(marker)
     init = ray.remote(num_cpus=1)(_init_sidecar)
@@ -286,5 +286,5 @@ def run_steps(steps: list[Phase2Step], files: list[str], output_path: str,
     final = {"kept": final_outcomes.get(KEPT, 0), "outcomes": dict(sorted(final_outcomes.items())),
              "sidecars": ctx.sidecar_dir, "order": [s.name for s in steps]}
     result = {"steps": reports, "final": final}
-    write_json_atomic(join(ctx.sidecar_dir, "_FINAL.json"), result, storage)
+    write_json_atomic(join(ctx.sidecar_dir, FINAL_MARKER), result, storage)
     return result

@@ -38,6 +38,8 @@ if TYPE_CHECKING:  # the framework's context (jobs/phase2.py); operators never i
     from ray.data import Dataset
 
 FILE_COLUMN = "_file"
+FINAL_DIR = "final"  # the sidecars, under the output (row-aligned with the data files)
+FINAL_MARKER = "_FINAL.json"  # written last in FINAL_DIR: phase 2 committed its sidecars
 DUPLICATE_OF = "duplicate_of"
 DECISION_SCHEMA = pa.schema([
     (FILE_COLUMN, pa.int32()),
@@ -53,7 +55,9 @@ DECISION_SCHEMA = pa.schema([
 ])
 # Per-caption columns a merge replaces (aligned with ``captions``): the scores of a caption on an
 # image do not depend on which copy of the image it was scored on, so a merged caption keeps its score.
-MERGED_COLUMNS = ("captions", "caption_sources", "clip_scores", "reward_scores")
+MERGED_CAPTIONS = ("captions", "caption_sources")
+CAPTION_SCORES = ("clip_scores", "reward_scores")
+MERGED_COLUMNS = (*MERGED_CAPTIONS, *CAPTION_SCORES)
 
 
 @dataclass
@@ -112,7 +116,7 @@ def merges(files: Sequence[int], sample_ids: Sequence[str], captions: Sequence[l
         "captions": pa.array(list(captions), pa.list_(pa.string())),
         "caption_sources": pa.array(list(caption_sources), pa.list_(pa.string())),
         **{c: pa.array(list(scores[c]) if c in scores else [None] * n, pa.list_(pa.float32()))
-           for c in ("clip_scores", "reward_scores")},
+           for c in CAPTION_SCORES},
     }, schema=DECISION_SCHEMA)
 
 

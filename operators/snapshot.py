@@ -60,6 +60,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from operators.base import KEPT, STATUS_COLUMNS
+from operators.phase2 import CAPTION_SCORES, FINAL_DIR, FINAL_MARKER, MERGED_CAPTIONS
 from operators.sinks import OCCUPANCY_COLUMNS, PARQUET_OPTIONS
 from operators.storage import StorageConfig, arrow_fs, fsspec_fs, join, write_json_atomic
 
@@ -67,14 +68,12 @@ log = logging.getLogger(__name__)
 
 SNAPSHOTS_DIR = "snapshots"
 MANIFEST = "_SNAPSHOT.json"
-SIDECAR_DIR = "final"  # jobs.phase2.FINAL_DIR (operators never import jobs)
-FINAL_MARKER = "_FINAL.json"  # phase 2's commit of the sidecars
 VERSION_DIR = re.compile(r"^v=(\d{4,})$")
 # Columns that mean nothing in a snapshot of kept rows: the status (all kept) and the download
 # actor's per-chunk occupancy sums.
 NOT_PUBLISHED = (*STATUS_COLUMNS, *OCCUPANCY_COLUMNS)
-MERGED = ("captions", "caption_sources")
-ALIGNED = ("clip_scores", "reward_scores")  # one value per caption: realigned to merged captions
+MERGED = MERGED_CAPTIONS
+ALIGNED = CAPTION_SCORES  # one value per caption: realigned to merged captions
 REWARD_BEST = "best_caption"  # operators/reward.py
 CLIP_BEST = "clip_best_caption"  # operators/clip.py: index into captions
 SAFE_KEY = re.compile(r"^[0-9A-Za-z_-]+$")  # webdataset splits a member name at its first dot
@@ -174,7 +173,7 @@ def _sources(files: list[str], output_path: str, storage: StorageConfig | None,
     names = [posixpath.basename(f) for f in files]
     if len(set(names)) != len(names):
         raise ValueError("publish: two data files share a basename; their sidecars would collide")
-    side_dir = join(output_path, SIDECAR_DIR)
+    side_dir = join(output_path, FINAL_DIR)
     fs, p = fsspec_fs(side_dir, storage)
     if final is False:
         return [Source(f, None) for f in files], "data"
