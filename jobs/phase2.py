@@ -82,7 +82,9 @@ def _coreset_step(cfg):
     from operators.coreset import CoresetStep
 
     c = getattr(cfg, "coreset", None)
-    return CoresetStep(c, clip_config=getattr(cfg, "clip", None)) if c is not None and c.enabled else None
+    if c is None or not c.enabled:
+        return None
+    return CoresetStep(c, clip_config=getattr(cfg, "clip", None), download_config=getattr(cfg, "download", None))
 
 
 # (name, builder from the job config -> step or None), in the order the steps run.

@@ -61,8 +61,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from operators.base import DROPPED, DropReason
-from operators.coreset_target import EmbedFn, clip_embedder, embedding_matrix, load_target, normalize, \
-    refuse_url_list
+from operators.coreset_target import EmbedFn, clip_embedder, embedding_matrix, load_target, normalize
 from operators.phase2 import FILE_COLUMN, Phase2Step, StepResult, drops
 
 log = logging.getLogger(__name__)
@@ -83,8 +82,10 @@ class CoresetConfig(BaseModel):
     enabled: bool = Field(False, description="run the coreset step (phase 2, after dedup and the selections)")
     target: str | None = Field(None, description=(
         "the target set: Parquet with an embedding column (a .parquet file or a folder of them), or a folder of "
-        "images embedded with the job's CLIP model; local or s3://. URL lists (.txt/.csv/.tsv) are not "
-        "supported yet"))
+        "images, or a URL list (.txt one URL per line; .csv/.tsv/.jsonl with target_url_column; .gz allowed) "
+        "downloaded with the job's download settings; images are embedded with the job's CLIP model; local or "
+        "s3://"))
+    target_url_column: str = Field("url", description="URL column of a .csv/.tsv/.jsonl target URL list")
     target_column: str = Field(EMBEDDING, description="embedding column of a Parquet target (same space as the "
                                                        "open set's clip_image_embedding)")
     k: int = Field(100, ge=1, description="k-means centroids of the target (SimCore's cluster_num: 100)")
@@ -105,8 +106,6 @@ class CoresetConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.target is not None:
-            refuse_url_list(self.target)
         if self.enabled and self.target is None:
             raise ValueError("coreset.enabled needs coreset.target")
         if self.method == "kcenter" and self.budget is None:
@@ -419,12 +418,14 @@ class CoresetStep(Phase2Step):
     stage = "coreset"
     reasons = (NOT_IN_CORESET,)
 
-    def __init__(self, config: CoresetConfig | dict, clip_config=None, embed: EmbedFn | None = None):
+    def __init__(self, config: CoresetConfig | dict, clip_config=None, embed: EmbedFn | None = None,
+                 download_config=None):
         self.config = config if isinstance(config, CoresetConfig) else CoresetConfig(**config)
         if self.config.target is None:
             raise ValueError("CoresetStep needs coreset.target")
         self.clip_config = clip_config
         self.embed = embed
+        self.download_config = download_config  # a URL-list target is fetched with the job's download settings
 
     def reads(self) -> tuple[str, ...]:
         return (EMBEDDING,)
@@ -435,11 +436,12 @@ class CoresetStep(Phase2Step):
             cfg = self.clip_config
             lazy: dict = {}
 
-            def embed(blobs):  # the model is built only when the target is a folder of images
+            def embed(blobs):  # the model is built only when the target is images (a folder or URLs)
                 if "fn" not in lazy:
                     lazy["fn"] = clip_embedder(cfg, storage)
                 return lazy["fn"](blobs)
-        return load_target(self.config.target, self.config.target_column, storage, embed)
+        return load_target(self.config.target, self.config.target_column, storage, embed,
+                           download=self.download_config, url_column=self.config.target_url_column)
 
     def run(self, ctx) -> StepResult:
         import ray
@@ -450,6 +452,8 @@ class CoresetStep(Phase2Step):
         report = {"method": cfg.method, "target": cfg.target, "target_kind": target.kind,
                   "target_rows": len(target.vectors), "target_skipped": target.skipped, "centroids": len(centers),
                   "budget": cfg.budget}
+        if target.reasons is not None:
+            report["target_failed"] = target.reasons
         if cfg.method == "kcenter":
             blocks = ctx.alive([EMBEDDING]).to_arrow_refs()
             picks, sims = kcenter_greedy(blocks, centers, cfg.budget, EMBEDDING, ctx.parallelism)

@@ -306,6 +306,55 @@ def test_target_from_an_image_folder_with_the_clip_model(tmp_path):
     np.testing.assert_allclose(got.vectors, unit(want), atol=3e-3)
 
 
+def tiny_clip_config():
+    from operators.clip import ClipConfig
+    from tests.conftest import ROOT
+
+    tiny = "imgcurate-tiny-clip"
+    return ClipConfig(enabled=True, model=tiny, pretrained=None, device="cpu",
+                      model_config_path=str(ROOT / "configs" / "models" / f"{tiny}.json"))
+
+
+def test_target_from_a_url_list_downloads_on_loopback(tmp_path, image_server, sample_dir):
+    """A .txt URL list: comments and blanks skipped, URLs normalized and deduplicated, failures
+    (404, a corrupt image, a non-http URL) counted by reason, the rest embedded as the CLIP stage would."""
+    pytest.importorskip("open_clip")
+    from pathlib import Path
+
+    from operators.clip import ClipEmbedder
+    from operators.download import DownloadConfig
+    from tests.helpers import image_batch
+
+    cfg = tiny_clip_config()
+    names = ["00000.jpg", "00001.jpg", "00002.jpg", "00003.jpg"]
+    good = [image_server.url(f"/img/{n}") for n in names]
+    lines = ["# the target", "", *good, good[0].replace("http://", "HTTP://") + "#a-fragment",  # one image twice
+             image_server.url("/status/404"), image_server.url("/img/corrupt-0.jpg"), "ftp://127.0.0.1/x.jpg"]
+    (tmp_path / "target.txt").write_text("\n".join(lines) + "\n")
+    download = DownloadConfig(allow_loopback=True, timeout_s=2.0, retries=0)
+    step = CoresetStep(CoresetConfig(enabled=True, target=str(tmp_path / "target.txt"), k=2), clip_config=cfg,
+                       download_config=download)
+    got = step._target(None)
+    images = [(Path(sample_dir) / "images" / n).read_bytes() for n in names]
+    stage = ClipEmbedder(cfg)(image_batch(images, [["x"]] * 4))
+    want = np.asarray(stage.column("clip_image_embedding").to_pylist(), np.float64)
+    assert got.kind == "urls" and got.vectors.shape == (4, 32)
+    np.testing.assert_allclose(got.vectors, unit(want), atol=3e-3)
+    assert got.reasons == {"http_404": 1, "not_decodable": 1, "unsupported_scheme": 1}, got.reasons
+    assert got.skipped == 3
+
+    # a CSV list with its own URL column; the SSRF guard holds: loopback denied, nothing is left
+    import csv
+    with open(tmp_path / "target.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["link", "caption"])
+        w.writerows([[u, "c"] for u in good])
+    c = CoresetConfig(enabled=True, target=str(tmp_path / "target.csv"), target_url_column="link", k=2)
+    assert CoresetStep(c, clip_config=cfg, download_config=download)._target(None).vectors.shape == (4, 32)
+    with pytest.raises(ValueError, match=r"none of its 4 URLs.*ssrf_blocked"):
+        CoresetStep(c, clip_config=cfg, download_config=DownloadConfig(retries=0))._target(None)
+
+
 def test_kmeans_centroids_find_the_target_clusters():
     rng = np.random.default_rng(12)
     centers = unit(rng.normal(size=(3, DIM)))
@@ -316,8 +365,7 @@ def test_kmeans_centroids_find_the_target_clusters():
 
 
 def test_config_checks():
-    with pytest.raises(ValueError, match="URL list"):
-        CoresetConfig(target="s3://b/urls.txt")
+    assert CoresetConfig(target="s3://b/urls.txt.gz").target_url_column == "url"  # URL lists are targets
     with pytest.raises(ValueError, match="budget"):
         CoresetConfig(target="t.parquet", method="kcenter")
     with pytest.raises(ValueError, match="target"):
