@@ -1,0 +1,817 @@
+"""kNN indices (faiss) over embeddings in Parquet: chosen by size and memory, built in parallel Ray
+tasks, tuned to a recall target, extended and pruned without retraining.
+
+**Layout** of an index directory (local or ``s3://``; a snapshot's are ``<snapshot>/index/<column>/``):
+
+- ``index-gNNNN.faiss``: the faiss index (``faiss.serialize_index``); ``NNNN`` is the generation,
+  raised by every add / remove, so a reader of the old ``_INDEX.json`` keeps a consistent file;
+- ``ids/part-NNNNN.parquet``: the id map, one part per source file: column ``id`` (string), one row
+  per source row, null where the row had no vector or was removed. Index id = the part's
+  ``offset`` + the row, so a lookup reads one part (never a global table of the run);
+- ``_INDEX.json`` written last (the commit): type, factory string, search parameters, the measured
+  recall and latency, the embedding column and model, the id parts with their offsets and sources,
+  ``next_id``, and for HNSW the removed ids (``tombstones``: HNSW cannot delete, search skips them).
+
+**The chooser** (``choose``, after autofaiss's ``get_optimal_index_keys_v2``): with ``n`` vectors of
+``d`` dims and a budget of ``max_memory_mb`` per build process, the first that fits half the budget
+(the other half holds one shard being merged and the training sample): ``Flat`` (exact) up to
+``flat_max`` vectors; ``HNSW32`` up to ``hnsw_max`` (it cannot be merged from shards, so its
+vectors are added in one process); ``IVF{nlist},Flat``; ``IVF{nlist},SQ8`` (one byte a dimension);
+``OPQ{m},IVF{nlist},PQ{m}`` with the largest ``m`` (bytes a vector) that fits. ``nlist`` is the
+power of two nearest ``4 * sqrt(n)``, at most ``n / 39`` (faiss's points per centroid). Past that the
+build refuses with the memory it would need. ``index_type`` may name a factory string instead.
+
+**The build**: pass 1 (one Ray task per group of files) counts each file's rows and draws the
+training sample and the held-out queries (seeded, by row position); the driver trains; pass 2 adds
+each group's vectors to a copy of the trained empty index and computes the queries' exact top-k
+over the group (so the ground truth costs no extra pass); the driver merges the groups'
+inverted lists (``merge_from``) one at a time. Each task asks Ray for the memory it estimates.
+
+**Tuning**: ``nprobe`` (IVF) or ``efSearch`` (HNSW) rises through a ladder until recall@k of the
+held-out queries (their own id excluded on both sides) reaches ``recall_target``; the latency of
+single queries at that setting is measured and compared with ``max_query_ms``. Both figures, and
+whether they were met, go into ``_INDEX.json``; a target that is not met is a warning, not a failure.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+import json
+import logging
+import math
+import posixpath
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from operators.coreset_target import embedding_matrix
+from operators.storage import StorageConfig, fsspec_fs, join, read_json, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+INDEX_MANIFEST = "_INDEX.json"
+IDS_DIR = "ids"
+VECTORS_DIR = "vectors"
+RERANK_FACTOR = 10  # PQ: candidates re-ranked by exact vectors = k x this
+SNAPSHOT_INDEX_DIR = "index"
+IVF_LADDER = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048, 4096)
+HNSW_LADDER = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048)
+PQ_BYTES = (64, 48, 32, 24, 16, 12, 8, 4)
+HNSW_M = 32
+GT_CHUNK = 32768  # vectors scored against the queries at a time (bounds the score matrix)
+
+
+class IndexConfig(BaseModel):
+    """kNN indices over a snapshot's embeddings (``index:`` in the job config; ``imgcurate index``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="build the indices into each new snapshot (columns that exist)")
+    columns: list[str] = Field(default_factory=lambda: ["clip_image_embedding", "clip_text_embedding"],
+                               description="embedding columns indexed (one index each; absent ones are skipped)")
+    index_type: str = Field("auto", description="auto (the chooser: Flat, HNSW, IVF-Flat, IVF-SQ8, OPQ+IVF+PQ by "
+                                                "size and memory) or a faiss index_factory string")
+    recall_target: float = Field(0.95, gt=0, le=1, description="recall@k against exact search the search "
+                                                               "parameters are tuned to")
+    k: int = Field(10, ge=1, description="the k of recall@k")
+    max_query_ms: float = Field(50.0, gt=0, description="a single query's latency the tuning must stay within "
+                                                        "(recorded; exceeded = warning)")
+    max_memory_mb: float = Field(4096, gt=0, description="memory a build process may use (driver-side merge and "
+                                                         "each add task); the chooser fits the index in half")
+    flat_max: int = Field(20_000, ge=0, description="at most this many vectors: an exact Flat index")
+    hnsw_max: int = Field(200_000, ge=0, description="at most this many vectors: HNSW32 (built in one process)")
+    queries: int = Field(1000, ge=10, description="held-out queries for recall (drawn from the vectors)")
+    latency_queries: int = Field(200, ge=1, description="single queries timed for the latency figure")
+    train_rows: int = Field(200_000, ge=1000, description="most training vectors (at least 39 per IVF list)")
+    add_rows: int = Field(500_000, ge=1000, description="vectors per add task (files are grouped up to this)")
+    num_cpus: float = Field(1, gt=0, description="CPUs per build task")
+    seed: int = Field(0, description="seed of the training sample and the queries")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.index_type != "auto":
+            import faiss
+
+            try:
+                faiss.index_factory(8 if "PQ" not in self.index_type else 64, self.index_type,
+                                    faiss.METRIC_INNER_PRODUCT)
+            except Exception as exc:  # noqa: BLE001 - faiss raises RuntimeError with its message
+                raise ValueError(f"index.index_type {self.index_type!r} is not a faiss factory string: "
+                                 f"{str(exc).splitlines()[0][:200]}") from None
+        return self
+
+
+@dataclass
+class Choice:
+    kind: str  # flat | hnsw | ivf_flat | ivf_sq8 | ivf_pq | custom
+    factory: str
+    nlist: int | None = None
+    bytes_per_vector: float = 0.0
+    reason: str = ""
+
+
+def nlist_for(n: int) -> int:
+    want = 4 * math.sqrt(max(n, 1))
+    nlist = 2 ** round(math.log2(want))
+    return int(max(1, min(nlist, n // 39 if n >= 39 else 1, 1 << 18)))
+
+
+def choose(n: int, d: int, cfg: IndexConfig) -> Choice:
+    """The index type for ``n`` vectors of ``d`` dims (see the module docstring)."""
+    budget = cfg.max_memory_mb * 2 ** 20 / 2
+    if cfg.index_type != "auto":
+        nl = nlist_for(n)
+        return Choice("custom", cfg.index_type.replace("{nlist}", str(nl)), nl, 4 * d + 8, "index.index_type")
+    flat = 4 * d + 8
+    if n <= cfg.flat_max and n * flat <= budget:
+        return Choice("flat", "IDMap2,Flat", None, flat, f"n <= flat_max ({cfg.flat_max})")
+    hnsw = 4 * d + 8 * HNSW_M + 8
+    if n <= cfg.hnsw_max and n * hnsw * 1.1 <= budget:
+        return Choice("hnsw", f"IDMap2,HNSW{HNSW_M}", None, hnsw, f"n <= hnsw_max ({cfg.hnsw_max})")
+    nl = nlist_for(n)
+    centroids = nl * d * 4
+    if n * flat + centroids <= budget:
+        return Choice("ivf_flat", f"IVF{nl},Flat", nl, flat, "float vectors fit the memory budget")
+    if n * (d + 8) + centroids <= budget:
+        return Choice("ivf_sq8", f"IVF{nl},SQ8", nl, d + 8, "8-bit scalar codes fit the memory budget")
+    for m in PQ_BYTES:
+        if m < d and d % m == 0 and n * (m + 8) + centroids + d * d * 4 <= budget:
+            nbits = 8 if n >= 39 * 256 else max(4, int(math.log2(max(n // 39, 16))))
+            pq_ = f"PQ{m}" if nbits == 8 else f"PQ{m}x{nbits}"
+            return Choice("ivf_pq", f"OPQ{m},IVF{nl},{pq_}", nl, m + 8, f"{m}-byte PQ codes fit the memory budget")
+    smallest = min((m for m in PQ_BYTES if m < d and d % m == 0), default=d)
+    need = (n * (smallest + 8) + centroids) * 2 / 2 ** 20
+    raise ValueError(f"index: {n} vectors of {d} dims do not fit index.max_memory_mb={cfg.max_memory_mb:g} even as "
+                     f"the smallest PQ codes; it needs about {need:,.0f} MB")
+
+
+# --- reading vectors ---------------------------------------------------------------------------------
+def _read(path: str, columns: list[str], storage: StorageConfig | None) -> pa.Table:
+    fs, p = fsspec_fs(path, storage)
+    with fs.open(p, "rb") as fh:
+        return pq.read_table(fh, columns=columns)
+
+
+def _rows_of(path: str, storage: StorageConfig | None) -> int:
+    fs, p = fsspec_fs(path, storage)
+    with fs.open(p, "rb") as fh:
+        return pq.ParquetFile(fh).metadata.num_rows
+
+
+def vectors_of(path: str, column: str, id_column: str, storage: StorageConfig | None
+               ) -> tuple[np.ndarray, np.ndarray, list]:
+    """(rows with a vector, their float32 vectors L2-normalized, every row's id)."""
+    t = _read(path, [column, id_column], storage)
+    valid, x = embedding_matrix(t.column(column))
+    rows = np.flatnonzero(valid)
+    ids = t.column(id_column).cast(pa.string()).to_pylist()
+    if len(rows):
+        norm = np.linalg.norm(x, axis=1)
+        ok = np.isfinite(norm) & (norm > 0)
+        rows, x = rows[ok], x[ok] / norm[ok, None]
+        keep = np.array([ids[r] is not None for r in rows], bool)
+        rows, x = rows[keep], x[keep]
+    return rows.astype(np.int64), np.ascontiguousarray(x, np.float32), ids
+
+
+def _seeded_pick(file_index: int, rows: np.ndarray, rate: float, seed: int, salt: int) -> np.ndarray:
+    """A seeded draw of rows at ``rate``, the same for the same file position and seed."""
+    if rate >= 1:
+        return np.ones(len(rows), bool)
+    rng = np.random.default_rng([seed, salt, file_index])
+    return rng.random(len(rows)) < rate
+
+
+def _sample_task(group: list[tuple[int, str]], column: str, id_column: str, storage, train_rate: float,
+                 query_rate: float, seed: int, dim_hint: int | None):
+    out = []
+    for j, path in group:
+        rows, x, ids = vectors_of(path, column, id_column, storage)
+        pick_q = _seeded_pick(j, rows, query_rate, seed, 1)
+        pick_t = _seeded_pick(j, rows, train_rate, seed, 2) & ~pick_q
+        out.append({"file": j, "rows": len(ids), "vectors": len(rows), "dim": x.shape[1] if len(rows) else dim_hint,
+                    "train": x[pick_t], "queries": x[pick_q], "query_rows": rows[pick_q]})
+    return out
+
+
+def _add_task(group: list[tuple[int, str, int]], column: str, id_column: str, storage, empty: bytes | None,
+              queries: np.ndarray, query_ids: np.ndarray, k: int, ids_dir: str, return_vectors: bool,
+              vectors_dir: str | None = None):
+    """Add the group's vectors (index id = offset + row) to a copy of the trained empty index, write
+    the id map parts, and return the shard index (or the vectors, for HNSW) and the queries' exact top k."""
+    import faiss
+
+    shard = faiss.deserialize_index(np.frombuffer(empty, np.uint8)) if empty is not None else None
+    best_s = np.full((len(queries), k), -np.inf, np.float32)
+    best_i = np.full((len(queries), k), -1, np.int64)
+    keep_x, keep_i, parts = [], [], []
+    for j, path, offset in group:
+        rows, x, ids = vectors_of(path, column, id_column, storage)
+        index_ids = offset + rows
+        mask = np.zeros(len(ids), bool)
+        mask[rows] = True
+        part = pa.table({"id": pa.array([v if m else None for v, m in zip(ids, mask)], pa.string())})
+        name = f"part-{j:05d}.parquet"
+        fs, p = fsspec_fs(join(ids_dir, name), storage)
+        fs.makedirs(posixpath.dirname(p), exist_ok=True)
+        with fs.open(p, "wb") as fh:
+            pq.write_table(part, fh)
+        parts.append({"path": f"{IDS_DIR}/{name}", "offset": int(offset), "rows": len(ids), "source": path,
+                      "vectors": int(len(rows))})
+        if vectors_dir is not None:  # the exact vectors PQ candidates are re-ranked with, row-aligned
+            full = np.zeros((len(ids), queries.shape[1]), np.float32)
+            full[rows] = x
+            vname = f"part-{j:05d}.f32"
+            fs, p = fsspec_fs(join(vectors_dir, vname), storage)
+            fs.makedirs(posixpath.dirname(p), exist_ok=True)
+            with fs.open(p, "wb") as fh:
+                fh.write(full.tobytes())
+            parts[-1]["vectors_path"] = f"{VECTORS_DIR}/{vname}"
+        if not len(rows):
+            continue
+        for c in range(0, len(rows) if len(queries) else 0, GT_CHUNK):  # the queries' exact top k here
+            xc, ic = x[c:c + GT_CHUNK], index_ids[c:c + GT_CHUNK]
+            s = queries @ xc.T
+            pos = np.searchsorted(ic, query_ids)
+            own = pos < len(ic)
+            own[own] = ic[pos[own]] == query_ids[own]
+            s[np.flatnonzero(own), pos[own]] = -np.inf  # a query is not its own neighbour
+            kk = min(k, s.shape[1])
+            top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
+            cand_s = np.concatenate([best_s, np.take_along_axis(s, top, 1)], 1)
+            cand_i = np.concatenate([best_i, ic[top]], 1)
+            order = np.argsort(-cand_s, axis=1, kind="stable")[:, :k]
+            best_s, best_i = np.take_along_axis(cand_s, order, 1), np.take_along_axis(cand_i, order, 1)
+        if return_vectors:
+            keep_x.append(x)
+            keep_i.append(index_ids)
+        else:
+            shard.add_with_ids(x, index_ids)
+    result = {"parts": parts, "gt_scores": best_s, "gt_ids": best_i}
+    if return_vectors:
+        result["vectors"] = np.concatenate(keep_x) if keep_x else None
+        result["ids"] = np.concatenate(keep_i) if keep_i else None
+    else:
+        result["index"] = faiss.serialize_index(shard)
+    return result
+
+
+# --- search parameters ---------------------------------------------------------------------------------
+def _ivf(index):
+    import faiss
+
+    try:
+        return faiss.extract_index_ivf(index)
+    except (RuntimeError, TypeError):
+        return None
+
+
+def _hnsw(index):
+    import faiss
+
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+    return inner if hasattr(inner, "hnsw") else None
+
+
+def set_params(index, params: dict) -> None:
+    ivf = _ivf(index)
+    if ivf is not None and "nprobe" in params:
+        ivf.nprobe = int(params["nprobe"])
+    h = _hnsw(index)
+    if h is not None and "efSearch" in params:
+        h.hnsw.efSearch = int(params["efSearch"])
+
+
+def _ladder(index) -> tuple[str | None, list[int]]:
+    ivf = _ivf(index)
+    if ivf is not None:
+        return "nprobe", [v for v in IVF_LADDER if v < ivf.nlist] + [ivf.nlist]
+    if _hnsw(index) is not None:
+        return "efSearch", list(HNSW_LADDER)
+    return None, [0]
+
+
+def raw_search(index, queries: np.ndarray, k: int, tombstones: np.ndarray | None = None):
+    import faiss
+
+    q = np.ascontiguousarray(queries, np.float32)
+    if tombstones is not None and len(tombstones):
+        sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.asarray(tombstones, np.int64)))
+        return index.search(q, k, params=faiss.SearchParameters(sel=sel))
+    return index.search(q, k)
+
+
+class Reranker:
+    """Exact vectors by index id, from the row-aligned ``vectors/part-NNNNN.f32`` files (memory-mapped;
+    parts on object storage are copied to a local cache once): PQ's candidates are re-ranked with
+    them, so the index's memory holds only the codes while the recall is that of exact scoring."""
+
+    def __init__(self, path: str, parts: list[dict], dim: int, storage: StorageConfig | None = None):
+        self.path, self.parts, self.dim, self.storage = path, parts, dim, storage
+        self._maps: dict[int, np.ndarray] = {}
+        self._cache: str | None = None
+
+    def _map(self, k: int) -> np.ndarray:
+        if k not in self._maps:
+            e = self.parts[k]
+            src = join(self.path, e["vectors_path"])
+            fs, p = fsspec_fs(src, self.storage)
+            if "://" in src and not src.startswith("file://"):
+                import tempfile
+
+                self._cache = self._cache or tempfile.mkdtemp(prefix="imgcurate-vectors-")
+                local = posixpath.join(self._cache, posixpath.basename(p))
+                fs.get(p, local)
+                p = local
+            self._maps[k] = np.memmap(p, np.float32, "r", shape=(e["rows"], self.dim)) if e["rows"] else \
+                np.zeros((0, self.dim), np.float32)
+        return self._maps[k]
+
+    def vectors(self, index_ids: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(index_ids), self.dim), np.float32)
+        offsets = [e["offset"] for e in self.parts]
+        for n, i in enumerate(index_ids):
+            if i < 0:
+                continue
+            k = bisect.bisect_right(offsets, int(i)) - 1
+            if k >= 0 and i - offsets[k] < self.parts[k]["rows"]:
+                out[n] = self._map(k)[int(i - offsets[k])]
+        return out
+
+    def search(self, index, queries: np.ndarray, k: int, factor: int, tombstones=None):
+        _, cand = raw_search(index, queries, k * factor, tombstones)
+        scores = np.full((len(queries), k), -np.inf, np.float32)
+        ids = np.full((len(queries), k), -1, np.int64)
+        for n, (q, c) in enumerate(zip(queries, cand)):
+            c = c[c >= 0]
+            if not len(c):
+                continue
+            s = self.vectors(c) @ q
+            top = np.argsort(-s, kind="stable")[:k]
+            scores[n, :len(top)], ids[n, :len(top)] = s[top], c[top]
+        return scores, ids
+
+
+def searcher(index, reranker: Reranker | None = None, factor: int = RERANK_FACTOR, tombstones=None):
+    """``fn(queries, k) -> (scores, ids)``: faiss, then the exact re-rank where there is one."""
+    if reranker is None:
+        return lambda q, k: raw_search(index, q, k, tombstones)
+    return lambda q, k: reranker.search(index, np.ascontiguousarray(q, np.float32), k, factor, tombstones)
+
+
+def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
+    hits = total = 0
+    for f, t in zip(found, truth):
+        t = set(int(v) for v in t if v >= 0)
+        if t:
+            hits += len(t & set(int(v) for v in f))
+            total += len(t)
+    return hits / total if total else 1.0
+
+
+def tune(index, queries: np.ndarray, query_ids: np.ndarray, truth: np.ndarray, cfg: IndexConfig,
+         reranker: Reranker | None = None) -> dict:
+    """The smallest search setting whose recall@k reaches the target; its single-query latency."""
+    name, ladder = _ladder(index)
+    search = searcher(index, reranker)
+    k = truth.shape[1]
+    tried = []
+    chosen = None
+    for v in ladder:
+        if name:
+            set_params(index, {name: v})
+        _, found = search(queries, k + 1)
+        found = np.array([[i for i in row if i != q][:k] for row, q in zip(found, query_ids)], dtype=object)
+        r = recall_at(found, truth)
+        tried.append({"value": v, "recall": round(r, 4)})
+        chosen = (v, r)
+        if r >= cfg.recall_target:
+            break
+    v, r = chosen
+    params = {name: v} if name else {}
+    set_params(index, params)
+    lat = []
+    sub = queries[:cfg.latency_queries]
+    for q in sub:
+        t0 = time.perf_counter()
+        search(q[None, :], k)
+        lat.append((time.perf_counter() - t0) * 1000)
+    lat = np.sort(np.asarray(lat))
+    p50 = float(np.percentile(lat, 50)) if len(lat) else 0.0
+    p95 = float(np.percentile(lat, 95)) if len(lat) else 0.0
+    met, fast = r >= cfg.recall_target, p50 <= cfg.max_query_ms
+    if not met:
+        log.warning("index: recall@%d %.3f below the target %.2f at the largest %s", k, r, cfg.recall_target, name)
+    if not fast:
+        log.warning("index: median query latency %.2f ms over index.max_query_ms %.1f", p50, cfg.max_query_ms)
+    return {"params": params, "recall": round(r, 4), "recall_target": cfg.recall_target, "recall_met": met,
+            "k": k, "queries": len(queries), "query_ms_p50": round(p50, 4), "query_ms_p95": round(p95, 4),
+            "max_query_ms": cfg.max_query_ms, "latency_met": fast, "ladder": tried,
+            "rerank_factor": RERANK_FACTOR if reranker is not None else None}
+
+
+# --- build ---------------------------------------------------------------------------------------------
+def _groups(items: list, weights: list[int], limit: int) -> list[list]:
+    out, cur, w = [], [], 0
+    for it, n in zip(items, weights):
+        if cur and w + n > limit:
+            out.append(cur)
+            cur, w = [], 0
+        cur.append(it)
+        w += n
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _write_index(index, path: str, storage) -> int:
+    import faiss
+
+    blob = faiss.serialize_index(index)
+    fs, p = fsspec_fs(path, storage)
+    with fs.open(p, "wb") as fh:
+        fh.write(blob.tobytes())
+    return int(blob.nbytes)
+
+
+def build_index(files: list[str], column: str, out_dir: str, cfg: IndexConfig | dict | None = None,
+                id_column: str = "sample_id", storage: StorageConfig | None = None,
+                model: dict | None = None, extra: dict | None = None) -> dict:
+    """Build an index of ``column`` over the Parquet ``files`` into ``out_dir``; returns ``_INDEX.json``."""
+    import faiss
+    import ray
+
+    cfg = cfg if isinstance(cfg, IndexConfig) else IndexConfig(**(cfg or {}))
+    if not files:
+        raise ValueError("index: no input files")
+    t0 = time.time()
+    mem = int(cfg.max_memory_mb * 2 ** 20)
+    # pass 1: rows per file, a training sample and the held-out queries
+    sizes = ray.get([ray.remote(_rows_of).remote(f, storage) for f in files])
+    total = sum(sizes)
+    if total == 0:
+        raise ValueError(f"index: the files hold no rows ({len(files)} files)")
+    train_rate = min(1.0, 1.2 * cfg.train_rows / total)
+    query_rate = min(0.5, 1.2 * cfg.queries / total)
+    groups = _groups(list(enumerate(files)), sizes, cfg.add_rows)
+    sample = ray.remote(num_cpus=cfg.num_cpus)(_sample_task)
+    got = [r for part in ray.get([sample.remote(g, column, id_column, storage, train_rate, query_rate, cfg.seed,
+                                                None) for g in groups]) for r in part]
+    got.sort(key=lambda r: r["file"])
+    n = sum(r["vectors"] for r in got)
+    dims = {r["dim"] for r in got if r["dim"]}
+    if n == 0 or not dims:
+        raise ValueError(f"index: no vectors in column {column!r} of {len(files)} files")
+    if len(dims) > 1:
+        raise ValueError(f"index: column {column!r} has vectors of several widths {sorted(dims)}")
+    d = dims.pop()
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    queries = np.concatenate([r["queries"] for r in got])[:cfg.queries]
+    query_ids = np.concatenate([offsets[r["file"]] + r["query_rows"] for r in got])[:cfg.queries]
+    train = np.concatenate([r["train"] for r in got] + [queries[:0]])
+    choice = choose(n, d, cfg)
+    k = min(cfg.k, max(1, n - 1))
+    log.info("index %s: %d vectors x %d -> %s (%s)", column, n, d, choice.factory, choice.reason)
+    index = faiss.index_factory(d, choice.factory, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        if len(train) < 39 and choice.nlist:
+            train = np.concatenate([train, queries])
+        rng = np.random.default_rng(cfg.seed)
+        if len(train) > cfg.train_rows:
+            train = train[rng.choice(len(train), cfg.train_rows, replace=False)]
+        index.train(np.ascontiguousarray(train, np.float32))
+    del train
+    t_train = time.time()
+    # pass 2: add, in parallel, and the exact ground truth of the queries
+    hnsw = _ivf(index) is None  # Flat and HNSW: the vectors come back and are added here (no merge)
+    empty = None if hnsw else faiss.serialize_index(index).tobytes()
+    ids_dir = join(out_dir, IDS_DIR)
+    fs, p = fsspec_fs(ids_dir, storage)
+    fs.makedirs(p, exist_ok=True)
+    add = ray.remote(num_cpus=cfg.num_cpus)(_add_task)
+    groups3 = [[(j, f, int(offsets[j])) for j, f in g] for g in groups]
+    task_mem = [max(1, int(sum(sizes[j] for j, _ in g) * (4 * d + choice.bytes_per_vector) * 1.5)) for g in groups]
+    q_ref, qi_ref = ray.put(queries), ray.put(query_ids)
+    rerank = choice.kind == "ivf_pq" or (choice.kind == "custom" and "PQ" in choice.factory)
+    vectors_dir = join(out_dir, VECTORS_DIR) if rerank else None
+    pending = [add.options(memory=min(m, mem)).remote(g, column, id_column, storage, empty, q_ref, qi_ref, k, ids_dir,
+                                                      hnsw, vectors_dir) for g, m in zip(groups3, task_mem)]
+    parts, gt_s, gt_i = [], [], []
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        r = ray.get(done[0])
+        parts.extend(r["parts"])
+        gt_s.append(r["gt_scores"])
+        gt_i.append(r["gt_ids"])
+        if hnsw:
+            if r["vectors"] is not None:
+                index.add_with_ids(r["vectors"], r["ids"])
+        else:
+            shard = faiss.deserialize_index(np.frombuffer(r["index"], np.uint8))
+            _merge(index, shard)
+        del r
+    parts.sort(key=lambda e: e["offset"])
+    s = np.concatenate(gt_s, 1)
+    order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    truth = np.take_along_axis(np.concatenate(gt_i, 1), order, 1)
+    truth[~np.isfinite(np.take_along_axis(s, order, 1))] = -1  # fewer than k other vectors
+    t_add = time.time()
+    reranker = Reranker(out_dir, parts, d, storage) if rerank else None
+    tuning = tune(index, queries, query_ids, truth, cfg, reranker)
+    manifest = {
+        "type": choice.kind, "factory": choice.factory, "nlist": choice.nlist, "choice": choice.reason,
+        "metric": "inner_product", "dim": d, "vectors": int(index.ntotal), "rows": int(total),
+        "column": column, "id_column": id_column, "embedding_model": model,
+        "search_params": tuning["params"], "tuning": tuning, "rerank_factor": tuning["rerank_factor"],
+        "id_parts": parts, "next_id": int(total), "tombstones": [],
+        "generation": 1, "index_file": "index-g0001.faiss",
+        "max_memory_mb": cfg.max_memory_mb, "config": cfg.model_dump(),
+        "created": datetime.now(timezone.utc).isoformat(),
+        "seconds": {"train": round(t_train - t0, 3), "add": round(t_add - t_train, 3),
+                    "tune": round(time.time() - t_add, 3)},
+        **(extra or {}),
+    }
+    manifest["index_bytes"] = _write_index(index, join(out_dir, manifest["index_file"]), storage)
+    write_json_atomic(join(out_dir, INDEX_MANIFEST), manifest, storage)
+    log.info("index %s: %s, recall@%d %.3f, %.2f ms/query, %.1f s", column, choice.factory, k, tuning["recall"],
+             tuning["query_ms_p50"], time.time() - t0)
+    return manifest
+
+
+def _merge(index, shard) -> None:
+    ivf, sivf = _ivf(index), _ivf(shard)
+    if ivf is not None and sivf is not None:
+        ivf.merge_from(sivf, 0)
+        if ivf is not index:  # the wrapper (OPQ) keeps its own count
+            index.ntotal = ivf.ntotal
+    else:
+        index.merge_from(shard, 0)
+
+
+# --- load, search, add, remove -------------------------------------------------------------------------
+@dataclass
+class LoadedIndex:
+    path: str
+    manifest: dict
+    index: object
+    storage: StorageConfig | None = None
+    _parts: dict = field(default_factory=dict)
+    _reranker: Reranker | None = None
+
+    @property
+    def tombstones(self) -> np.ndarray:
+        return np.asarray(self.manifest.get("tombstones") or [], np.int64)
+
+    def _part(self, k: int) -> list:
+        if k not in self._parts:
+            e = self.manifest["id_parts"][k]
+            self._parts[k] = _read(join(self.path, e["path"]), ["id"], self.storage).column("id").to_pylist()
+        return self._parts[k]
+
+    def locate(self, index_id: int) -> tuple[dict, int] | None:
+        """(id part entry, row in its source) of an index id, or None."""
+        parts = self.manifest["id_parts"]
+        k = bisect.bisect_right([e["offset"] for e in parts], int(index_id)) - 1
+        if k < 0 or index_id - parts[k]["offset"] >= parts[k]["rows"]:
+            return None
+        return parts[k], int(index_id - parts[k]["offset"])
+
+    def id_of(self, index_id: int) -> str | None:
+        where = self.locate(index_id)
+        if where is None:
+            return None
+        k = self.manifest["id_parts"].index(where[0])
+        return self._part(k)[where[1]]
+
+    def search(self, vectors: np.ndarray, k: int = 10) -> list[list[dict]]:
+        """Per query, up to ``k`` hits ``{"id", "score", "index_id"}`` (vectors are L2-normalized here)."""
+        q = np.atleast_2d(np.asarray(vectors, np.float32))
+        norm = np.linalg.norm(q, axis=1, keepdims=True)
+        q = q / np.where(norm > 0, norm, 1)
+        rr = None
+        if self.manifest.get("rerank_factor"):
+            if self._reranker is None:
+                self._reranker = Reranker(self.path, self.manifest["id_parts"], self.manifest["dim"], self.storage)
+            rr = self._reranker
+        scores, found = searcher(self.index, rr, self.manifest.get("rerank_factor") or 1, self.tombstones)(q, k)
+        out = []
+        for srow, irow in zip(scores, found):
+            hits = []
+            for s, i in zip(srow, irow):
+                if i < 0:
+                    continue
+                sid = self.id_of(int(i))
+                if sid is not None:
+                    hits.append({"id": sid, "score": float(s), "index_id": int(i)})
+            out.append(hits)
+        return out
+
+    def save(self, generation_bump: bool = True) -> dict:
+        m = self.manifest
+        old = m["index_file"]
+        if generation_bump:
+            m["generation"] += 1
+            m["index_file"] = f"index-g{m['generation']:04d}.faiss"
+        m["vectors"] = int(self.index.ntotal)
+        m["index_bytes"] = _write_index(self.index, join(self.path, m["index_file"]), self.storage)
+        m["updated"] = datetime.now(timezone.utc).isoformat()
+        write_json_atomic(join(self.path, INDEX_MANIFEST), m, self.storage)
+        if generation_bump and old != m["index_file"]:
+            fs, p = fsspec_fs(join(self.path, old), self.storage)
+            try:
+                fs.rm(p)
+            except FileNotFoundError:
+                pass
+        return m
+
+
+def load_index(path: str, storage: StorageConfig | None = None) -> LoadedIndex:
+    import faiss
+
+    manifest = read_json(join(path, INDEX_MANIFEST), storage)
+    if manifest is None:
+        raise FileNotFoundError(f"no committed index at {path} (no {INDEX_MANIFEST})")
+    fs, p = fsspec_fs(join(path, manifest["index_file"]), storage)
+    with fs.open(p, "rb") as fh:
+        blob = np.frombuffer(fh.read(), np.uint8)
+    index = faiss.deserialize_index(blob)
+    set_params(index, manifest.get("search_params") or {})
+    return LoadedIndex(path, manifest, index, storage)
+
+
+def add_to_index(path: str, files: list[str], storage: StorageConfig | None = None, column: str | None = None,
+                 id_column: str | None = None) -> dict:
+    """Add the vectors of ``files`` to the trained index at ``path`` (no retraining): new id parts
+    from ``next_id`` on; returns the updated ``_INDEX.json``."""
+    import faiss
+    import ray
+
+    li = load_index(path, storage)
+    m = li.manifest
+    column = column or m["column"]
+    id_column = id_column or m["id_column"]
+    hnsw = _hnsw(li.index) is not None
+    if hnsw or _ivf(li.index) is None:
+        empty = None
+        hnsw = True  # Flat and HNSW: the vectors come back and are added here
+    else:
+        c = faiss.clone_index(li.index)
+        c.reset()
+        empty = faiss.serialize_index(c).tobytes()
+    sizes = ray.get([ray.remote(_rows_of).remote(f, storage) for f in files])
+    start = int(m["next_id"])
+    first_part = 1 + max([int(posixpath.basename(e["path"])[5:10]) for e in m["id_parts"]] or [-1])
+    offsets = start + np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    cfg = IndexConfig(**m.get("config", {}))
+    groups = _groups([(first_part + j, f, int(offsets[j])) for j, f in enumerate(files)], sizes, cfg.add_rows)
+    add = ray.remote(num_cpus=cfg.num_cpus)(_add_task)
+    q = np.zeros((0, m["dim"]), np.float32)
+    vectors_dir = join(path, VECTORS_DIR) if m.get("rerank_factor") else None
+    results = ray.get([add.remote(g, column, id_column, storage, empty, q, np.zeros(0, np.int64), 1,
+                                  join(path, IDS_DIR), hnsw, vectors_dir) for g in groups])
+    added = 0
+    for r in results:
+        m["id_parts"].extend(r["parts"])
+        if hnsw:
+            if r["vectors"] is not None:
+                li.index.add_with_ids(r["vectors"], r["ids"])
+                added += len(r["ids"])
+        else:
+            shard = faiss.deserialize_index(np.frombuffer(r["index"], np.uint8))
+            added += shard.ntotal
+            _merge(li.index, shard)
+    m["id_parts"].sort(key=lambda e: e["offset"])
+    m["next_id"] = start + int(sum(sizes))
+    m["rows"] = int(m["rows"]) + int(sum(sizes))
+    m.setdefault("history", []).append({"op": "add", "files": len(files), "vectors": int(added),
+                                        "at": datetime.now(timezone.utc).isoformat()})
+    return li.save()
+
+
+def remove_from_index(path: str, ids: list[str], storage: StorageConfig | None = None) -> dict:
+    """Remove the vectors of the given ids (the id column's values): physically where faiss can
+    (Flat, IVF), as tombstones for HNSW; their id map entries become null."""
+    import faiss
+
+    li = load_index(path, storage)
+    m = li.manifest
+    wanted = set(map(str, ids))
+    gone: list[int] = []
+    for k, e in enumerate(m["id_parts"]):
+        col = li._part(k)
+        hit = [r for r, v in enumerate(col) if v is not None and v in wanted]
+        if not hit:
+            continue
+        gone.extend(e["offset"] + r for r in hit)
+        for r in hit:
+            col[r] = None
+        fs, p = fsspec_fs(join(path, e["path"]), storage)
+        with fs.open(p, "wb") as fh:
+            pq.write_table(pa.table({"id": pa.array(col, pa.string())}), fh)
+        e["vectors"] = int(e.get("vectors", 0)) - len(hit)
+    arr = np.asarray(gone, np.int64)
+    physically = 0
+    if len(arr):
+        if _hnsw(li.index) is not None:
+            m["tombstones"] = sorted(set(m.get("tombstones") or []) | set(int(v) for v in arr))
+        else:
+            physically = int(li.index.remove_ids(faiss.IDSelectorBatch(arr)))
+    m.setdefault("history", []).append({"op": "remove", "asked": len(wanted), "removed": len(arr),
+                                        "physically": physically, "at": datetime.now(timezone.utc).isoformat()})
+    return li.save()
+
+
+# --- snapshots -----------------------------------------------------------------------------------------
+def snapshot_index_dir(snapshot_path: str, column: str) -> str:
+    return join(snapshot_path, SNAPSHOT_INDEX_DIR, column)
+
+
+def snapshot_files(snapshot: dict) -> list[str]:
+    return [e["path"] for e in snapshot.get("files", []) if e.get("kind") == "parquet" and e.get("rows", 1)]
+
+
+def build_snapshot_indices(snapshot: dict, cfg: IndexConfig | dict | None = None,
+                           storage: StorageConfig | None = None) -> dict:
+    """One index per configured column the snapshot has, into ``<snapshot>/index/<column>/``;
+    returns ``{column: summary}`` (columns absent from the snapshot are reported as skipped)."""
+    cfg = cfg if isinstance(cfg, IndexConfig) else IndexConfig(**(cfg or {}))
+    files = snapshot_files(snapshot)
+    schema = snapshot.get("schema", {})
+    model = (snapshot.get("config") or {}).get("clip")
+    out = {}
+    for column in cfg.columns:
+        if column not in schema or column not in snapshot.get("columns", schema):
+            out[column] = {"skipped": "not in the snapshot"}
+            continue
+        if not snapshot.get("counts", {}).get("kept"):
+            out[column] = {"skipped": "the snapshot is empty"}
+            continue
+        try:
+            m = build_index(files, column, snapshot_index_dir(snapshot["path"], column), cfg, "sample_id", storage,
+                            model=model, extra={"snapshot_version": snapshot.get("version")})
+        except ValueError as exc:
+            out[column] = {"skipped": str(exc)}
+            log.warning("index %s: %s", column, exc)
+            continue
+        out[column] = {"type": m["type"], "factory": m["factory"], "vectors": m["vectors"],
+                       "recall": m["tuning"]["recall"], "query_ms_p50": m["tuning"]["query_ms_p50"],
+                       "path": snapshot_index_dir(snapshot["path"], column)}
+    return out
+
+
+def resolve(path: str, storage: StorageConfig | None = None, column: str = "clip_image_embedding"
+            ) -> tuple[str, dict | None]:
+    """(index dir, snapshot manifest or None) for an index dir, a snapshot dir or a run output."""
+    from operators.snapshot import MANIFEST, latest_committed, snapshot_dir
+
+    if read_json(join(path, INDEX_MANIFEST), storage) is not None:
+        return path, None
+    snap = read_json(join(path, MANIFEST), storage)
+    if snap is None:
+        v = latest_committed(path, storage)
+        if v is None:
+            raise FileNotFoundError(f"{path}: not an index, a snapshot or a run output with a snapshot")
+        snap = read_json(join(snapshot_dir(path, v), MANIFEST), storage)
+    idx = snapshot_index_dir(snap["path"], column)
+    if read_json(join(idx, INDEX_MANIFEST), storage) is None:
+        raise FileNotFoundError(f"snapshot v={snap['version']:04d} has no index of {column} ({idx})")
+    return idx, snap
+
+
+def rows_of_hits(li: LoadedIndex, hits: list[dict], columns: list[str]) -> list[dict]:
+    """The source rows (``columns`` that exist) of hits, read by (part, row): url, caption, image..."""
+    by_source: dict[str, list[tuple[int, int]]] = {}
+    for n, h in enumerate(hits):
+        where = li.locate(h["index_id"])
+        if where is not None:
+            by_source.setdefault(where[0]["source"], []).append((n, where[1]))
+    out = [dict() for _ in hits]
+    for source, want in by_source.items():
+        fs, p = fsspec_fs(source, li.storage)
+        with fs.open(p, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            cols = [c for c in columns if c in pf.schema_arrow.names]
+            if not cols:
+                continue
+            t = pf.read(columns=cols)
+        rows = t.take(pa.array([r for _, r in want])).to_pylist()
+        for (n, _), row in zip(want, rows):
+            out[n] = row
+    return out
+
+
+def read_query_vectors(path: str) -> np.ndarray:
+    x = np.load(path) if path.endswith(".npy") else np.loadtxt(io.StringIO(open(path).read()), ndmin=2)
+    return np.atleast_2d(np.asarray(x, np.float32))
+
+
+def dumps_results(results: list[list[dict]]) -> str:
+    return "\n".join(json.dumps({"query": i, "results": [{"id": h["id"], "score": round(h["score"], 6)}
+                                                         for h in r]}) for i, r in enumerate(results))
