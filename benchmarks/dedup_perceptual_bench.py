@@ -88,9 +88,12 @@ def main(argv=None) -> int:
     def gen(batch: pa.Table) -> pa.Table:
         return pa.concat_tables([block_rows(int(b), n, d, every, seed) for b in batch.column("b").to_pylist()])
 
+    def alive(cols, then=None):  # Phase2Context.alive's contract: ``then`` runs inside the read
+        return ray.data.from_items([{"b": b} for b in range(blocks)], override_num_blocks=blocks).map_batches(
+            (lambda b: then(gen(b))) if then is not None else gen, batch_format="pyarrow", batch_size=1)
+
     ctx = SimpleNamespace(
-        alive=lambda cols: ray.data.from_items([{"b": b} for b in range(blocks)], override_num_blocks=blocks)
-        .map_batches(gen, batch_format="pyarrow", batch_size=1),
+        alive=alive,
         parallelism=parts, num_files=1)
     step = PerceptualDedupStep(PerceptualConfig(max_hamming=d), partitions=parts)
 

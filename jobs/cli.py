@@ -1,4 +1,5 @@
-"""The ``imgcurate`` command: ``run CONFIG``, ``phase2 CONFIG``, ``dry-run``, ``validate CONFIG``."""
+"""The ``imgcurate`` command: ``run CONFIG``, ``phase2 CONFIG``, ``dry-run``, ``validate CONFIG``,
+``index build|add|remove``, ``search`` (jobs/index_cli.py) and ``serve`` (jobs/serve.py)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument("--check-inputs", action="store_true", help="also list the input files (reads storage)")
     dry = sub.add_parser("dry-run", help="serve the bundled sample on 127.0.0.1 and run configs/dryrun.yaml")
     dry.add_argument("--work-dir", default="imgcurate-dryrun", help="where the sample and output go")
+    from jobs.index_cli import add_parsers
+
+    add_parsers(sub)
     for sp in (run, ph2, val, dry):
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set download.timeout_s=5 (repeatable)")
@@ -38,6 +42,14 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     try:
+        if args.command in ("index", "search"):
+            from jobs import index_cli
+
+            try:
+                return index_cli.run_index(args) if args.command == "index" else index_cli.run_search(args)
+            except ValueError as exc:  # a bad argument or an index that cannot answer: no traceback
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
         if args.command == "validate":
             cfg = load_config(args.config, args.overrides)
             if args.check_inputs:

@@ -815,3 +815,35 @@ def read_query_vectors(path: str) -> np.ndarray:
 def dumps_results(results: list[list[dict]]) -> str:
     return "\n".join(json.dumps({"query": i, "results": [{"id": h["id"], "score": round(h["score"], 6)}
                                                          for h in r]}) for i, r in enumerate(results))
+
+
+class QueryEmbedder:
+    """Texts and images embedded with the model an index records (its ``embedding_model``: the CLIP
+    stage's config the snapshot was made with), so queries land in the index's space."""
+
+    def __init__(self, manifest: dict, storage: StorageConfig | None = None, device: str = "cpu"):
+        from operators.clip import ClipConfig
+        from operators.models.clip import ClipModel
+
+        spec = manifest.get("embedding_model")
+        if not spec:
+            raise ValueError("this index records no embedding model (built with --embeddings): query it with "
+                             "--vector-file")
+        cfg = ClipConfig(**{**spec, "enabled": True, "device": device})
+        self.model = ClipModel(cfg, storage)
+        self.dim = self.model.dim
+        if manifest.get("dim") not in (None, self.dim):
+            raise ValueError(f"the index's vectors have {manifest['dim']} dims, its model {self.dim}")
+
+    def text(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return self.model.encode_texts(list(texts)).cpu().numpy().astype(np.float32)
+
+    def images(self, blobs: list[bytes]) -> np.ndarray:
+        emb, outcomes = self.model.encode_images(list(blobs), "search")
+        bad = [i for i, o in enumerate(outcomes) if o is not None]
+        if bad or emb is None:
+            raise ValueError(f"query image(s) {bad or list(range(len(blobs)))} cannot be decoded")
+        return emb.float().cpu().numpy()
