@@ -77,7 +77,8 @@ class IndexConfig(BaseModel):
     columns: list[str] = Field(default_factory=lambda: ["clip_image_embedding", "clip_text_embedding"],
                                description="embedding columns indexed (one index each; absent ones are skipped)")
     index_type: str = Field("auto", description="auto (the chooser: Flat, HNSW, IVF-Flat, IVF-SQ8, OPQ+IVF+PQ by "
-                                                "size and memory) or a faiss index_factory string")
+                                                "size and memory) or a faiss index_factory string ({nlist}: the "
+                                                "chooser's list count)")
     recall_target: float = Field(0.95, gt=0, le=1, description="recall@k against exact search the search "
                                                                "parameters are tuned to")
     k: int = Field(10, ge=1, description="the k of recall@k")
@@ -100,8 +101,7 @@ class IndexConfig(BaseModel):
             import faiss
 
             try:
-                faiss.index_factory(8 if "PQ" not in self.index_type else 64, self.index_type,
-                                    faiss.METRIC_INNER_PRODUCT)
+                faiss.index_factory(64, self.index_type.replace("{nlist}", "16"), faiss.METRIC_INNER_PRODUCT)
             except Exception as exc:  # noqa: BLE001 - faiss raises RuntimeError with its message
                 raise ValueError(f"index.index_type {self.index_type!r} is not a faiss factory string: "
                                  f"{str(exc).splitlines()[0][:200]}") from None
@@ -118,9 +118,10 @@ class Choice:
 
 
 def nlist_for(n: int) -> int:
-    want = 4 * math.sqrt(max(n, 1))
-    nlist = 2 ** round(math.log2(want))
-    return int(max(1, min(nlist, n // 39 if n >= 39 else 1, 1 << 18)))
+    """The power of two nearest 4 sqrt(n), at most n / 39 (faiss wants 39 training points a list)."""
+    want = 2 ** round(math.log2(4 * math.sqrt(max(n, 1))))
+    cap = 2 ** int(math.log2(n // 39)) if n >= 39 else 1
+    return int(max(1, min(want, cap, 1 << 18)))
 
 
 def choose(n: int, d: int, cfg: IndexConfig) -> Choice:
