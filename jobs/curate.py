@@ -330,13 +330,20 @@ def run(cfg: JobConfig, phase2_only: bool = False) -> dict:
                        manifest_extra={"name": cfg.name, "models": models_of(cfg),
                                        "config": cfg.model_dump(mode="json"), "phase2": phase2.get("steps", {}),
                                        "phase1_fingerprint": cfg.fingerprint()})
+    t_idx = time.time()
+    indices = {}
+    if snapshot and cfg.index.enabled:  # kNN indices into the new snapshot (operators/index.py)
+        from operators.index import build_snapshot_indices
+
+        indices = build_snapshot_indices(snapshot, cfg.index, cfg.storage)
     timings = {"plan_s": round(t_plan, 3), "total_s": round(time.time() - t0, 3),
                "phase1_s": round(sum(m["seconds"] for m in markers), 3), "phase2_s": round(t_pub - t_sel, 3),
-               "publish_s": round(time.time() - t_pub, 3)}
+               "publish_s": round(t_idx - t_pub, 3), "index_s": round(time.time() - t_idx, 3)}
     manifest = manifest_of(cfg, plan, markers, resumed, phase2, timings)
     if snapshot:
         manifest["snapshot"] = {"version": snapshot["version"], "path": snapshot.get("path"),
-                                "kept": snapshot["counts"]["kept"], "parent": snapshot.get("parent")}
+                                "kept": snapshot["counts"]["kept"], "parent": snapshot.get("parent"),
+                                "indices": indices}
     # Data files first, manifest last: a reader trusts only a committed manifest.
     write_json_atomic(join(cfg.output.path, "_manifest.json"), manifest, cfg.storage)
     return manifest
@@ -436,6 +443,10 @@ def summary_table(manifest: dict) -> str:
         snap = manifest["snapshot"]
         lines.append(f"snapshot v={snap['version']:04d}: {snap['kept']} samples at {snap['path']}"
                      + (f" (parent v={snap['parent']:04d})" if snap.get("parent") else ""))
+        for column, ix in (snap.get("indices") or {}).items():
+            lines.append(f"index {column}: " + (f"skipped ({ix['skipped']})" if "skipped" in ix else
+                                                f"{ix['factory']}, {ix['vectors']} vectors, recall@10 {ix['recall']:.3f}, "
+                                                f"{ix['query_ms_p50']:.2f} ms/query"))
     final = manifest.get("final") or {}
     if final.get("sidecars"):
         lines.append(f"final: {final['kept']} of {manifest['samples']} samples kept "

@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from operators.base import Columns, DropReason, Operator, Resources
 from operators.clip import ClipConfig, ClipEmbedder, calibration_warning
 from operators.coreset import NOT_IN_CORESET, CoresetConfig
+from operators.index import IndexConfig
 from operators.clip import model_report as clip_report
 from operators.dedup import REASONS as DEDUP_REASONS
 from operators.dedup import DedupConfig
@@ -227,6 +228,8 @@ STAGES: tuple[Stage, ...] = (
           requires=_coreset_requires),
     # The published snapshot of what phase 2 kept (operators/snapshot.py): no drops, reads what is there.
     Stage("publish", PublishConfig, None, PHASE2),
+    # kNN indices over the new snapshot's embeddings (operators/index.py).
+    Stage("index", IndexConfig, None, PHASE2),
 )
 
 # The plan (phase 0) is not a stage of the list: it makes the rows every stage starts from.

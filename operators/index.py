@@ -1,7 +1,8 @@
 """kNN indices (faiss) over embeddings in Parquet: chosen by size and memory, built in parallel Ray
 tasks, tuned to a recall target, extended and pruned without retraining.
 
-**Layout** of an index directory (local or ``s3://``; a snapshot's are ``<snapshot>/index/<column>/``):
+**Layout** of an index directory (local or ``s3://``; a snapshot's are ``<snapshot>/_index/<column>/``,
+whose leading ``_`` keeps the id map's Parquet out of readers of the snapshot dir as a dataset):
 
 - ``index-gNNNN.faiss``: the faiss index (``faiss.serialize_index``); ``NNNN`` is the generation,
   raised by every add / remove, so a reader of the old ``_INDEX.json`` keeps a consistent file;
@@ -60,7 +61,7 @@ INDEX_MANIFEST = "_INDEX.json"
 IDS_DIR = "ids"
 VECTORS_DIR = "vectors"
 RERANK_FACTOR = 10  # PQ: candidates re-ranked by exact vectors = k x this
-SNAPSHOT_INDEX_DIR = "index"
+SNAPSHOT_INDEX_DIR = "_index"  # "_": Parquet dataset readers of the snapshot dir skip it (pyarrow, Spark)
 IVF_LADDER = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048, 4096)
 HNSW_LADDER = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048)
 PQ_BYTES = (64, 48, 32, 24, 16, 12, 8, 4)
@@ -735,12 +736,14 @@ def snapshot_index_dir(snapshot_path: str, column: str) -> str:
 
 
 def snapshot_files(snapshot: dict) -> list[str]:
-    return [e["path"] for e in snapshot.get("files", []) if e.get("kind") == "parquet" and e.get("rows", 1)]
+    """The snapshot's Parquet shards (its manifest names them relative to the snapshot dir)."""
+    return [e["path"] if "://" in e["path"] or e["path"].startswith("/") else join(snapshot["path"], e["path"])
+            for e in snapshot.get("files", []) if e.get("kind") == "parquet" and e.get("rows", 1)]
 
 
 def build_snapshot_indices(snapshot: dict, cfg: IndexConfig | dict | None = None,
                            storage: StorageConfig | None = None) -> dict:
-    """One index per configured column the snapshot has, into ``<snapshot>/index/<column>/``;
+    """One index per configured column the snapshot has, into ``<snapshot>/_index/<column>/``;
     returns ``{column: summary}`` (columns absent from the snapshot are reported as skipped)."""
     cfg = cfg if isinstance(cfg, IndexConfig) else IndexConfig(**(cfg or {}))
     files = snapshot_files(snapshot)

@@ -135,11 +135,14 @@ def test_clip_top_fraction_over_the_whole_run(ray_session, image_server, tmp_pat
     cfg2 = job_config(urls, str(tmp_path / "out"), selection={"clip_top_fraction": 0.5},
                       plan={"num_buckets": 4, "shard_rows": 8}, dedup={"exact": False, "perceptual": {"enabled": False}})
     snap1 = tmp_path / "out" / "snapshots" / "v=0001"
-    before = {p.name: p.read_bytes() for p in snap1.iterdir()}
+    def files_of(d):
+        return {str(p.relative_to(d)): p.read_bytes() for p in d.rglob("*") if p.is_file()}
+
+    before = files_of(snap1)
     again = curate.run(cfg2, phase2_only=True)
     # a new snapshot version, chained to the first, which is left as it was
     assert (manifest["snapshot"]["version"], again["snapshot"]["version"], again["snapshot"]["parent"]) == (1, 2, 1)
-    assert {p.name: p.read_bytes() for p in snap1.iterdir()} == before
+    assert files_of(snap1) == before
     assert again["snapshot"]["kept"] == again["final"]["kept"] > manifest["final"]["kept"]
     assert again["waves_resumed"] == len(again["waves"])
     assert sorted(p.name for p in (tmp_path / "out" / "data").rglob("*.parquet")) == data_files
@@ -149,6 +152,17 @@ def test_clip_top_fraction_over_the_whole_run(ray_session, image_server, tmp_pat
     with pytest.raises(ConfigError, match="holds no run"):
         curate.run(job_config(urls, str(tmp_path / "empty")), phase2_only=True)
     assert manifest["models"]["clip"]["random_weights"] is True
+
+    # the snapshot's kNN indices: every kept sample's embeddings, and a kept sample finds itself
+    from operators.index import load_index, resolve
+
+    idx = manifest["snapshot"]["indices"]
+    assert {c: idx[c]["vectors"] for c in idx} == {"clip_image_embedding": manifest["final"]["kept"],
+                                                   "clip_text_embedding": manifest["final"]["kept"]}
+    kept = pq.read_table(str(snap1 / "part-00000.parquet"), columns=["sample_id", "clip_image_embedding"])
+    li = load_index(resolve(str(tmp_path / "out" / "snapshots" / "v=0001"))[0])
+    first = kept.slice(0, 1).to_pylist()[0]
+    assert li.search([first["clip_image_embedding"]], 1)[0][0]["id"] == first["sample_id"]
 
 
 def _plan_rows(out: str, storage=None) -> tuple[dict, list]:
