@@ -45,6 +45,9 @@ class OutputConfig(BaseModel):
     write_num_cpus: float = Field(
         0.125, gt=0, description="CPUs a write task asks for: small, so that writes start while the download "
                                  "actors hold the cluster (a write costs ~0.3 ms of CPU per row)")
+    lock_stale_after_s: float = Field(900.0, gt=0, description=(
+        "the output's lock (_LOCK.json, one run at a time) is taken over when its heartbeat is older than this"))
+    lock_heartbeat_s: float = Field(60.0, gt=0, description="how often the running job refreshes its lock")
 
 
 class PlanConfig(BaseModel):

@@ -12,6 +12,7 @@ import argparse
 import logging
 import math
 import platform
+import posixpath
 import sys
 import time
 from importlib import metadata
@@ -28,6 +29,7 @@ from operators.images import ImageProcessor
 from operators.recaption.vllm import apply_vllm_recaption
 from operators.shards import SampleShards
 from operators.sinks import PARQUET_OPTIONS, count_written, sink_prep
+from operators.lock import LOCK_NAME, OutputLock
 from operators.snapshot import publish
 from operators.storage import arrow_fs, fsspec_fs, join, read_json, write_json_atomic
 
@@ -291,8 +293,10 @@ def check_run_identity(cfg: JobConfig) -> None:
                 f"{cfg.output.path} holds the output of another config (fingerprint {existing.get('fingerprint')} "
                 f"!= {fp}); use a new output.path, or output.overwrite=true to replace it")
         fs, p = fsspec_fs(cfg.output.path, cfg.storage)
-        log.warning("output.overwrite: deleting %s", cfg.output.path)
-        fs.rm(p, recursive=True)
+        log.warning("output.overwrite: deleting %s (all but this run's lock)", cfg.output.path)
+        for entry in fs.ls(p, detail=False):
+            if posixpath.basename(entry.rstrip("/")) != LOCK_NAME:
+                fs.rm(entry, recursive=True)
         existing = None
     if existing is None:
         write_json_atomic(run_path, {"fingerprint": fp, "name": cfg.name, "started": time.time()}, cfg.storage)
@@ -301,7 +305,14 @@ def check_run_identity(cfg: JobConfig) -> None:
 def run(cfg: JobConfig, phase2_only: bool = False) -> dict:
     """Run (or resume) the whole job; returns the run manifest. With ``phase2_only`` (``imgcurate
     phase2``), phase 1 must be finished in ``output.path`` under the same phase-1 config: nothing is
-    downloaded, and phase 2 reruns with the config's phase-2 settings."""
+    downloaded, and phase 2 reruns with the config's phase-2 settings. The whole run holds the
+    output's lock (operators/lock.py): a second run of the same output refuses with ``LockHeld``."""
+    with OutputLock(cfg.output.path, cfg.storage, purpose="phase2" if phase2_only else "run",
+                    stale_after_s=cfg.output.lock_stale_after_s, heartbeat_s=cfg.output.lock_heartbeat_s):
+        return _run(cfg, phase2_only)
+
+
+def _run(cfg: JobConfig, phase2_only: bool) -> dict:
     t0 = time.time()
     init_ray(cfg)
     if phase2_only:

@@ -28,7 +28,7 @@ Ray task per shard reads only the row groups it needs and writes its shard.
 ``_SNAPSHOT.json`` is a publish that crashed before its commit; no reader trusts it. If it is the
 dir the new version goes to, it is emptied and reused; uncommitted dirs above it are left alone
 (the next publishes reuse them in turn). Committed versions are never written or removed. One
-publisher at a time per output (the job's run lock).
+publisher at a time per output (the run holds the output's lock, operators/lock.py).
 
 **The training caption** (``caption`` column and the ``.txt``), per row: the reward model's
 ``best_caption`` (Compress & Align, operators/reward.py) when the run has a reward column and the
