@@ -10,6 +10,7 @@ import os
 import sys
 
 from jobs.config import ConfigError, load_config
+from operators.lock import LockHeld
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,11 +43,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     try:
-        if args.command in ("index", "search"):
+        if args.command in ("index", "search", "serve"):
             from jobs import index_cli
 
             try:
-                return index_cli.run_index(args) if args.command == "index" else index_cli.run_search(args)
+                return index_cli.run(args)
             except ValueError as exc:  # a bad argument or an index that cannot answer: no traceback
                 print(f"error: {exc}", file=sys.stderr)
                 return 2
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         print(curate.summary_table(manifest))
         print(f"output: {out}  (run manifest: {out.rstrip('/')}/_manifest.json)")
         return 0
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, FileNotFoundError, LockHeld) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

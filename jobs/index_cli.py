@@ -1,5 +1,5 @@
-"""``imgcurate index build|add|remove`` and ``imgcurate search``: faiss indices (operators/index.py)
-from the command line."""
+"""``imgcurate index build|add|remove``, ``imgcurate search`` and ``imgcurate serve``: faiss indices
+(operators/index.py) from the command line, and the HTTP search service over one (jobs/serve.py)."""
 
 from __future__ import annotations
 
@@ -72,6 +72,15 @@ def add_parsers(sub) -> None:
     s.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// paths")
     s.add_argument("-v", "--verbose", action="store_true")
     s.set_defaults(overrides=[])
+    v = sub.add_parser("serve", help="an HTTP search page and JSON API over a snapshot's kNN index (jobs/serve.py)")
+    v.add_argument("snapshot", help="a snapshot dir, a run output (its latest snapshot) or an index dir")
+    v.add_argument("--port", type=int, default=8080, help="TCP port (0: any free one)")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (loopback unless given)")
+    v.add_argument("--column", default="clip_image_embedding", help="which of a snapshot's indices")
+    v.add_argument("--k-max", type=int, default=100, help="the largest k a query may ask for")
+    v.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// paths")
+    v.add_argument("-v", "--verbose", action="store_true")
+    v.set_defaults(overrides=[])
 
 
 def _ray():
@@ -174,11 +183,26 @@ def run_search(args) -> int:
     return 0
 
 
+def run_serve(args) -> int:
+    from jobs.serve import serve
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port}: not a TCP port")
+    serve(args.snapshot, host=args.host, port=args.port, storage=_storage(args), column=args.column,
+          k_max=args.k_max)
+    return 0
+
+
+def run(args) -> int:
+    """Dispatch ``index``, ``search`` or ``serve``."""
+    return {"index": run_index, "search": run_search, "serve": run_serve}[args.command](args)
+
+
 def main(argv=None) -> int:  # python -m jobs.index_cli (the imgcurate command dispatches here too)
     p = argparse.ArgumentParser(prog="imgcurate")
     add_parsers(p.add_subparsers(dest="command", required=True))
     args = p.parse_args(argv)
-    return run_index(args) if args.command == "index" else run_search(args)
+    return run(args)
 
 
 if __name__ == "__main__":
