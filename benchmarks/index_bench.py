@@ -59,7 +59,7 @@ class Clusters:
     """The distribution: centres on the unit sphere, their weights and noise norms (seeded)."""
 
     def __init__(self, d: int, centres: int, spread: float, seed: int):
-        rng = np.random.default_rng([seed, 0])
+        rng = np.random.default_rng([seed, 1009, 0, 0])
         c = rng.normal(size=(centres, d)).astype(np.float32)
         self.centres = c / np.linalg.norm(c, axis=1, keepdims=True)
         w = rng.lognormal(0.0, 1.0, centres)
@@ -79,13 +79,17 @@ def sample_id(i: int) -> str:
 
 
 def write_files(root: Path, dist: Clusters, n: int, n_files: int, seed: int) -> list[str]:
-    """One file at a time (only one file's vectors are held); file f holds rows bounds[f]:bounds[f+1]."""
+    """One file at a time (only one file's vectors are held); file f holds rows bounds[f]:bounds[f+1].
+
+    The generators' seed sequences ([seed, 1009, ...]) differ from the builder's ([seed, salt, file]):
+    with the same sequence the builder's query draw would reuse the uniforms that chose the rows'
+    centres, and its held-out queries would all come from the first few centres."""
     root.mkdir(parents=True, exist_ok=True)
     bounds = np.linspace(0, n, n_files + 1).astype(int)
     files = []
     for f in range(n_files):
         a, b = int(bounds[f]), int(bounds[f + 1])
-        x = dist.draw(np.random.default_rng([seed, 1, f]), b - a)
+        x = dist.draw(np.random.default_rng([seed, 1009, 1, f]), b - a)
         col = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), pa.float32()), dist.d)
         t = pa.table({"sample_id": pa.array([sample_id(i) for i in range(a, b)], pa.string()), COLUMN: col})
         path = str(root / f"part-{f:05d}.parquet")
@@ -295,7 +299,7 @@ def main() -> None:
             flat_build = time.perf_counter() - t0
         flat_bytes = flat.ntotal * args.d * 4
         flat_peak = fmon.max_driver - rss0
-        qrng = np.random.default_rng([args.seed, 2])
+        qrng = np.random.default_rng([args.seed, 1009, 2, 0])
         fresh = dist.draw(qrng, args.queries)
         t0 = time.perf_counter()
         _, truth = flat.search(fresh, K)
