@@ -193,8 +193,8 @@ def _url_target(path, storage, embed, download, url_column) -> Target:
                 "sample_id": pa.array([f"target{s + i}" for i in range(n)], pa.string()),
                 "url": pa.array(chunk, pa.string()), "status": pa.array([KEPT] * n, pa.string()),
                 "drop_stage": none, "drop_reason": none, "error_message": none}))
-            status, why = got.column("status").to_pylist(), got.column("drop_reason").to_pylist()
-            reasons.update(w for st, w in zip(status, why) if st != KEPT)
+            status, failed_by = got.column("status").to_pylist(), got.column("drop_reason").to_pylist()
+            reasons.update(w for st, w in zip(status, failed_by) if st != KEPT)
             blobs = [b for st, b in zip(status, got.column("image_bytes").to_pylist()) if st == KEPT]
             if blobs:
                 emb = np.asarray(embed(blobs), np.float64)
