@@ -478,6 +478,7 @@ def build_index(files: list[str], column: str, out_dir: str, cfg: IndexConfig | 
     queries = np.concatenate([r["queries"] for r in got])[:cfg.queries]
     query_ids = np.concatenate([offsets[r["file"]] + r["query_rows"] for r in got])[:cfg.queries]
     train = np.concatenate([r["train"] for r in got] + [queries[:0]])
+    del got  # the per-file samples: their copies are in train / queries now
     choice = choose(n, d, cfg)
     k = min(cfg.k, max(1, n - 1))
     log.info("index %s: %d vectors x %d -> %s (%s)", column, n, d, choice.factory, choice.reason)
@@ -518,6 +519,7 @@ def build_index(files: list[str], column: str, out_dir: str, cfg: IndexConfig | 
         else:
             shard = faiss.deserialize_index(np.frombuffer(r["index"], np.uint8))
             _merge(index, shard)
+            del shard  # before the next one arrives: one shard in the driver at a time
         del r
     parts.sort(key=lambda e: e["offset"])
     s = np.concatenate(gt_s, 1)
