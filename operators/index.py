@@ -4,7 +4,7 @@ tasks, tuned to a recall target, extended and pruned without retraining.
 **Layout** of an index directory (local or ``s3://``; a snapshot's are ``<snapshot>/_index/<column>/``,
 whose leading ``_`` keeps the id map's Parquet out of readers of the snapshot dir as a dataset):
 
-- ``index-gNNNN.faiss``: the faiss index (``faiss.serialize_index``); ``NNNN`` is the generation,
+- ``index-gNNNN.faiss``: the faiss index (``faiss.write_index``); ``NNNN`` is the generation,
   raised by every add / remove, so a reader of the old ``_INDEX.json`` keeps a consistent file;
 - ``ids/part-NNNNN.parquet``: the id map, one part per source file: column ``id`` (string), one row
   per source row, null where the row had no vector or was removed. Index id = the part's
@@ -25,8 +25,12 @@ build refuses with the memory it would need. ``index_type`` may name a factory s
 **The build**: pass 1 (one Ray task per group of files) counts each file's rows and draws the
 training sample and the held-out queries (seeded, by row position); the driver trains; pass 2 adds
 each group's vectors to a copy of the trained empty index and computes the queries' exact top-k
-over the group (so the ground truth costs no extra pass); the driver merges the groups'
-inverted lists (``merge_from``) one at a time. Each task asks Ray for the memory it estimates.
+over the group (so the ground truth costs no extra pass), writing a shard file each time a shard
+reaches a quarter of the budget; the driver reads the shards back one at a time and merges their
+inverted lists (``merge_from``). Files are streamed in batches (``iter_vectors``) and faiss files go
+through local files (``write_index_file`` / ``read_index_file``), never as in-memory byte copies, so
+every process (the driver: the index plus one shard; a task: one shard plus a batch) stays within
+``max_memory_mb`` whatever the vector count. Each task asks Ray for the memory it plans for.
 
 **Tuning**: ``nprobe`` (IVF) or ``efSearch`` (HNSW) rises through a ladder until recall@k of the
 held-out queries (their own id excluded on both sides) reaches ``recall_target``; the latency of
@@ -167,102 +171,196 @@ def _rows_of(path: str, storage: StorageConfig | None) -> int:
         return pq.ParquetFile(fh).metadata.num_rows
 
 
+def batch_rows_for(d: int, mem_bytes: int) -> int:
+    """Rows read at a time: a few copies of a batch (Arrow, float32, normalized) stay within ~5 %
+    of the memory budget."""
+    return int(min(65536, max(1024, mem_bytes * 0.05 // max(1, 4 * d))))
+
+
+def iter_vectors(path: str, column: str, id_column: str, storage: StorageConfig | None, batch_rows: int):
+    """Stream one Parquet file in batches: ``(first row, ids of the batch, rows with a vector
+    (relative to the batch), their float32 vectors L2-normalized)``. A file of any size is read in
+    bounded memory."""
+    fs, p = fsspec_fs(path, storage)
+    with fs.open(p, "rb") as fh:
+        pf = pq.ParquetFile(fh)
+        start = 0
+        if pf.metadata.num_rows == 0:
+            return
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=[column, id_column]):
+            ids = batch.column(id_column).cast(pa.string()).to_pylist()
+            valid, x = embedding_matrix(batch.column(column))
+            rows = np.flatnonzero(valid)
+            if len(rows):
+                norm = np.sqrt(np.einsum("ij,ij->i", x, x))
+                ok = np.isfinite(norm) & (norm > 0)
+                ok &= np.fromiter((ids[r] is not None for r in rows), bool, len(rows))
+                if not ok.all():
+                    rows, x, norm = rows[ok], x[ok], norm[ok]
+                x /= norm[:, None]
+            yield start, ids, rows.astype(np.int64), np.ascontiguousarray(x, np.float32)
+            start += len(ids)
+            del batch, x
+
+
 def vectors_of(path: str, column: str, id_column: str, storage: StorageConfig | None
                ) -> tuple[np.ndarray, np.ndarray, list]:
-    """(rows with a vector, their float32 vectors L2-normalized, every row's id)."""
-    t = _read(path, [column, id_column], storage)
-    valid, x = embedding_matrix(t.column(column))
-    rows = np.flatnonzero(valid)
-    ids = t.column(id_column).cast(pa.string()).to_pylist()
-    if len(rows):
-        norm = np.linalg.norm(x, axis=1)
-        ok = np.isfinite(norm) & (norm > 0)
-        rows, x = rows[ok], x[ok] / norm[ok, None]
-        keep = np.array([ids[r] is not None for r in rows], bool)
-        rows, x = rows[keep], x[keep]
-    return rows.astype(np.int64), np.ascontiguousarray(x, np.float32), ids
+    """(rows with a vector, their float32 vectors L2-normalized, every row's id) of a whole file."""
+    rows, xs, ids = [], [], []
+    for start, bids, brows, x in iter_vectors(path, column, id_column, storage, 65536):
+        rows.append(start + brows)
+        xs.append(x)
+        ids.extend(bids)
+    if not xs:
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32), ids
+    return np.concatenate(rows), np.concatenate(xs), ids
 
 
-def _seeded_pick(file_index: int, rows: np.ndarray, rate: float, seed: int, salt: int) -> np.ndarray:
-    """A seeded draw of rows at ``rate``, the same for the same file position and seed."""
+def _seeded_pick(file_index: int, rows: np.ndarray, rate: float, seed: int, salt: int, start: int = 0
+                 ) -> np.ndarray:
+    """A seeded draw of rows at ``rate``, the same for the same file position, row and seed (a
+    batch at ``start`` draws as if the file were read at once)."""
     if rate >= 1:
         return np.ones(len(rows), bool)
-    rng = np.random.default_rng([seed, salt, file_index])
+    rng = np.random.default_rng([seed, salt, file_index, start])
     return rng.random(len(rows)) < rate
 
 
 def _sample_task(group: list[tuple[int, str]], column: str, id_column: str, storage, train_rate: float,
-                 query_rate: float, seed: int, dim_hint: int | None):
+                 query_rate: float, seed: int, batch_rows: int):
     out = []
     for j, path in group:
-        rows, x, ids = vectors_of(path, column, id_column, storage)
-        pick_q = _seeded_pick(j, rows, query_rate, seed, 1)
-        pick_t = _seeded_pick(j, rows, train_rate, seed, 2) & ~pick_q
-        out.append({"file": j, "rows": len(ids), "vectors": len(rows), "dim": x.shape[1] if len(rows) else dim_hint,
-                    "train": x[pick_t], "queries": x[pick_q], "query_rows": rows[pick_q]})
+        nrows = nvec = 0
+        dim, train, queries, qrows = None, [], [], []
+        for start, ids, rows, x in iter_vectors(path, column, id_column, storage, batch_rows):
+            nrows += len(ids)
+            nvec += len(rows)
+            if len(rows):
+                dim = x.shape[1]
+            pick_q = _seeded_pick(j, rows, query_rate, seed, 1, start)
+            pick_t = _seeded_pick(j, rows, train_rate, seed, 2, start) & ~pick_q
+            train.append(x[pick_t])
+            queries.append(x[pick_q])
+            qrows.append(start + rows[pick_q])
+        out.append({"file": j, "rows": nrows, "vectors": nvec, "dim": dim,
+                    "train": np.concatenate(train) if train else None,
+                    "queries": np.concatenate(queries) if queries else None,
+                    "query_rows": np.concatenate(qrows) if qrows else np.zeros(0, np.int64)})
     return out
+
+
+class _TopK:
+    """The queries' exact top k over the vectors seen so far (a query is not its own neighbour)."""
+
+    def __init__(self, queries: np.ndarray, query_ids: np.ndarray, k: int):
+        self.q, self.qi, self.k = queries, query_ids, k
+        self.s = np.full((len(queries), k), -np.inf, np.float32)
+        self.i = np.full((len(queries), k), -1, np.int64)
+
+    def update(self, x: np.ndarray, index_ids: np.ndarray) -> None:
+        if not len(self.q) or not len(x):
+            return
+        for c in range(0, len(x), GT_CHUNK):
+            xc, ic = x[c:c + GT_CHUNK], index_ids[c:c + GT_CHUNK]
+            s = self.q @ xc.T
+            pos = np.minimum(np.searchsorted(ic, self.qi), len(ic) - 1)
+            own = ic[pos] == self.qi
+            s[np.flatnonzero(own), pos[own]] = -np.inf
+            kk = min(self.k, s.shape[1])
+            top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
+            cand_s = np.concatenate([self.s, np.take_along_axis(s, top, 1)], 1)
+            cand_i = np.concatenate([self.i, ic[top]], 1)
+            order = np.argsort(-cand_s, axis=1, kind="stable")[:, :self.k]
+            self.s, self.i = np.take_along_axis(cand_s, order, 1), np.take_along_axis(cand_i, order, 1)
+
+
+def _open_write(path: str, storage):
+    fs, p = fsspec_fs(path, storage)
+    fs.makedirs(posixpath.dirname(p), exist_ok=True)
+    return fs.open(p, "wb")
 
 
 def _add_task(group: list[tuple[int, str, int]], column: str, id_column: str, storage, empty: bytes | None,
               queries: np.ndarray, query_ids: np.ndarray, k: int, ids_dir: str, return_vectors: bool,
-              vectors_dir: str | None = None):
-    """Add the group's vectors (index id = offset + row) to a copy of the trained empty index, write
-    the id map parts, and return the shard index (or the vectors, for HNSW) and the queries' exact top k."""
+              vectors_dir: str | None = None, shard_dir: str | None = None, shard_rows: int = 1 << 62,
+              batch_rows: int = 65536):
+    """Add the group's vectors (index id = offset + row) to copies of the trained empty index, write
+    the id map parts, and return the queries' exact top k over the group, and the shard index files
+    (each at most ``shard_rows`` vectors, written under ``shard_dir``) or, for Flat / HNSW, the vectors.
+    Files are streamed in batches, so the task's memory is one shard plus a batch."""
     import faiss
 
-    shard = faiss.deserialize_index(np.frombuffer(empty, np.uint8)) if empty is not None else None
-    best_s = np.full((len(queries), k), -np.inf, np.float32)
-    best_i = np.full((len(queries), k), -1, np.int64)
-    keep_x, keep_i, parts = [], [], []
+    gt = _TopK(queries, query_ids, k)
+    keep_x, keep_i, parts, shards = [], [], [], []
+    shard = None
+
+    def flush():
+        nonlocal shard
+        if shard is not None and shard.ntotal:
+            name = f"shard-{group[0][0]:05d}-{len(shards):04d}.faiss"
+            shards.append({"path": join(shard_dir, name), "vectors": int(shard.ntotal),
+                           "bytes": write_index_file(shard, join(shard_dir, name), storage)})
+        shard = None
+
     for j, path, offset in group:
-        rows, x, ids = vectors_of(path, column, id_column, storage)
-        index_ids = offset + rows
-        mask = np.zeros(len(ids), bool)
-        mask[rows] = True
-        part = pa.table({"id": pa.array([v if m else None for v, m in zip(ids, mask)], pa.string())})
         name = f"part-{j:05d}.parquet"
-        fs, p = fsspec_fs(join(ids_dir, name), storage)
-        fs.makedirs(posixpath.dirname(p), exist_ok=True)
-        with fs.open(p, "wb") as fh:
-            pq.write_table(part, fh)
-        parts.append({"path": f"{IDS_DIR}/{name}", "offset": int(offset), "rows": len(ids), "source": path,
-                      "vectors": int(len(rows))})
-        if vectors_dir is not None:  # the exact vectors PQ candidates are re-ranked with, row-aligned
-            full = np.zeros((len(ids), queries.shape[1]), np.float32)
-            full[rows] = x
-            vname = f"part-{j:05d}.f32"
-            fs, p = fsspec_fs(join(vectors_dir, vname), storage)
-            fs.makedirs(posixpath.dirname(p), exist_ok=True)
-            with fs.open(p, "wb") as fh:
-                fh.write(full.tobytes())
-            parts[-1]["vectors_path"] = f"{VECTORS_DIR}/{vname}"
-        if not len(rows):
-            continue
-        for c in range(0, len(rows) if len(queries) else 0, GT_CHUNK):  # the queries' exact top k here
-            xc, ic = x[c:c + GT_CHUNK], index_ids[c:c + GT_CHUNK]
-            s = queries @ xc.T
-            pos = np.searchsorted(ic, query_ids)
-            own = pos < len(ic)
-            own[own] = ic[pos[own]] == query_ids[own]
-            s[np.flatnonzero(own), pos[own]] = -np.inf  # a query is not its own neighbour
-            kk = min(k, s.shape[1])
-            top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
-            cand_s = np.concatenate([best_s, np.take_along_axis(s, top, 1)], 1)
-            cand_i = np.concatenate([best_i, ic[top]], 1)
-            order = np.argsort(-cand_s, axis=1, kind="stable")[:, :k]
-            best_s, best_i = np.take_along_axis(cand_s, order, 1), np.take_along_axis(cand_i, order, 1)
-        if return_vectors:
-            keep_x.append(x)
-            keep_i.append(index_ids)
-        else:
-            shard.add_with_ids(x, index_ids)
-    result = {"parts": parts, "gt_scores": best_s, "gt_ids": best_i}
+        n_rows = n_vec = 0
+        writer = None
+        with _open_write(join(ids_dir, name), storage) as id_fh, \
+                (_open_write(join(vectors_dir, f"part-{j:05d}.f32"), storage) if vectors_dir is not None
+                 else _Null()) as vec_fh:
+            for start, ids, rows, x in iter_vectors(path, column, id_column, storage, batch_rows):
+                mask = np.zeros(len(ids), bool)
+                mask[rows] = True
+                batch = pa.table({"id": pa.array([v if m else None for v, m in zip(ids, mask)], pa.string())})
+                if writer is None:
+                    writer = pq.ParquetWriter(id_fh, batch.schema)
+                writer.write_table(batch)
+                if vectors_dir is not None:  # exact vectors for the PQ re-rank, row-aligned with the source
+                    full = np.zeros((len(ids), queries.shape[1]), np.float32)
+                    full[rows] = x
+                    vec_fh.write(full.tobytes())
+                    del full
+                index_ids = offset + start + rows
+                n_rows += len(ids)
+                n_vec += len(rows)
+                gt.update(x, index_ids)
+                if not len(rows):
+                    continue
+                if return_vectors:
+                    keep_x.append(x)
+                    keep_i.append(index_ids)
+                    continue
+                pos = 0
+                while pos < len(x):  # a shard full at shard_rows is written out and a new one begun
+                    if shard is None:
+                        shard = faiss.deserialize_index(np.frombuffer(empty, np.uint8))
+                    room = int(shard_rows - shard.ntotal)
+                    shard.add_with_ids(x[pos:pos + room], index_ids[pos:pos + room])
+                    pos += room
+                    if shard.ntotal >= shard_rows:
+                        flush()
+            if writer is None:
+                writer = pq.ParquetWriter(id_fh, pa.schema([("id", pa.string())]))
+            writer.close()
+        parts.append({"path": f"{IDS_DIR}/{name}", "offset": int(offset), "rows": n_rows, "source": path,
+                      "vectors": int(n_vec)})
+        if vectors_dir is not None:
+            parts[-1]["vectors_path"] = f"{VECTORS_DIR}/part-{j:05d}.f32"
+    flush()
+    result = {"parts": parts, "gt_scores": gt.s, "gt_ids": gt.i, "shards": shards}
     if return_vectors:
         result["vectors"] = np.concatenate(keep_x) if keep_x else None
         result["ids"] = np.concatenate(keep_i) if keep_i else None
-    else:
-        result["index"] = faiss.serialize_index(shard)
     return result
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 # --- search parameters ---------------------------------------------------------------------------------
@@ -433,14 +531,146 @@ def _groups(items: list, weights: list[int], limit: int) -> list[list]:
     return out
 
 
-def _write_index(index, path: str, storage) -> int:
+def write_index_file(index, path: str, storage) -> int:
+    """Write a faiss index to ``path`` (local or object storage) without an in-memory copy of it:
+    faiss writes a local file (a temporary beside the target, renamed; or in the temp dir, then
+    uploaded). Returns its size."""
+    import os
+    import tempfile
+
     import faiss
 
-    blob = faiss.serialize_index(index)
     fs, p = fsspec_fs(path, storage)
-    with fs.open(p, "wb") as fh:
-        fh.write(blob.tobytes())
-    return int(blob.nbytes)
+    if "://" not in path or path.startswith("file://"):
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".faiss", dir=os.path.dirname(p))
+        os.close(fd)
+        try:
+            faiss.write_index(index, tmp)
+            os.replace(tmp, p)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return os.path.getsize(p)
+    fd, tmp = tempfile.mkstemp(prefix="imgcurate-index-", suffix=".faiss")
+    os.close(fd)
+    try:
+        faiss.write_index(index, tmp)
+        fs.put_file(tmp, p)
+        return os.path.getsize(tmp)
+    finally:
+        os.unlink(tmp)
+
+
+def read_index_file(path: str, storage) -> object:
+    """Read a faiss index from ``path`` (object storage: through a local temporary file), so the
+    process holds the index once, not its bytes and the index."""
+    import os
+    import tempfile
+
+    import faiss
+
+    fs, p = fsspec_fs(path, storage)
+    if "://" not in path or path.startswith("file://"):
+        return faiss.read_index(p)
+    fd, tmp = tempfile.mkstemp(prefix="imgcurate-index-", suffix=".faiss")
+    os.close(fd)
+    try:
+        fs.get_file(p, tmp)
+        return faiss.read_index(tmp)
+    finally:
+        os.unlink(tmp)
+
+
+def _drop(path: str, storage) -> None:
+    fs, p = fsspec_fs(path, storage)
+    try:
+        fs.rm(p, recursive=True)
+    except FileNotFoundError:
+        pass
+
+
+def plan_memory(d: int, bytes_per_vector: float, cfg: IndexConfig) -> dict:
+    """How a build stays within ``max_memory_mb`` per process: the rows read at a time, and the
+    vectors a shard holds (a quarter of the budget: the driver holds the index, in half, and one
+    shard being merged; a task holds one shard and a batch)."""
+    mem = int(cfg.max_memory_mb * 2 ** 20)
+    batch = batch_rows_for(d, mem)
+    shard = int(max(1024, min(cfg.add_rows, mem // 4 // max(1.0, bytes_per_vector))))
+    task = int(min(mem, shard * bytes_per_vector + 6 * batch * 4 * d + GT_CHUNK * cfg.queries * 8 + 256 * 2 ** 20))
+    return {"batch_rows": batch, "shard_rows": shard, "task_bytes": task}
+
+
+def _declared_width(path: str, column: str, storage) -> int | None:
+    """The width of a fixed-size list column from the file's schema (None: variable or absent)."""
+    fs, p = fsspec_fs(path, storage)
+    with fs.open(p, "rb") as fh:
+        schema = pq.ParquetFile(fh).schema_arrow
+    if column in schema.names and pa.types.is_fixed_size_list(schema.field(column).type):
+        return int(schema.field(column).type.list_size)
+    return None
+
+
+def _add_groups(index, groups: list[list[tuple[int, str, int]]], column: str, id_column: str, storage,
+                out_dir: str, cfg: IndexConfig, d: int, bytes_per_vector: float, queries: np.ndarray,
+                query_ids: np.ndarray, k: int, rerank: bool) -> tuple[list[dict], list, list, dict]:
+    """Pass 2: one Ray task a group adds its vectors to shards of the trained empty ``index`` (files
+    under ``out_dir/_build/``) and writes its id parts; the driver merges the shards into ``index``
+    one at a time (Flat / HNSW: adds the returned vectors). Returns (id parts, ground-truth scores
+    and ids per task, what was added: vectors, shards, the memory plan)."""
+    import faiss
+    import ray
+
+    hnsw = _ivf(index) is None  # Flat and HNSW: the vectors come back and are added here (no merge)
+    if hnsw:
+        empty = None
+    else:
+        empty_index = faiss.clone_index(index)
+        empty_index.reset()
+        empty = faiss.serialize_index(empty_index).tobytes()
+        del empty_index
+    plan = plan_memory(d, bytes_per_vector, cfg)
+    shard_dir = join(out_dir, "_build", f"{time.time_ns():x}")
+    ids_dir = join(out_dir, IDS_DIR)
+    fs, p = fsspec_fs(ids_dir, storage)
+    fs.makedirs(p, exist_ok=True)
+    add = ray.remote(num_cpus=cfg.num_cpus)(_add_task)
+    q_ref, qi_ref = ray.put(queries), ray.put(query_ids)
+    vectors_dir = join(out_dir, VECTORS_DIR) if rerank else None
+    pending = [add.options(memory=plan["task_bytes"]).remote(
+        g, column, id_column, storage, empty, q_ref, qi_ref, k, ids_dir, hnsw, vectors_dir, shard_dir,
+        plan["shard_rows"], plan["batch_rows"]) for g in groups]
+    parts, gt_s, gt_i, added, shards = [], [], [], 0, 0
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            r = ray.get(done[0])
+            parts.extend(r["parts"])
+            gt_s.append(r["gt_scores"])
+            gt_i.append(r["gt_ids"])
+            if hnsw:
+                if r["vectors"] is not None:
+                    index.add_with_ids(r["vectors"], r["ids"])
+                    added += len(r["ids"])
+            for sh in r["shards"]:  # one shard in the driver at a time, read from its file
+                shard = read_index_file(sh["path"], storage)
+                added += int(shard.ntotal)
+                _merge(index, shard)
+                del shard
+                shards += 1
+                _drop(sh["path"], storage)
+            del r
+    finally:
+        _drop(shard_dir, storage)
+        build = join(out_dir, "_build")
+        fs, p = fsspec_fs(build, storage)
+        try:
+            if fs.exists(p) and not fs.ls(p):
+                fs.rm(p, recursive=True)
+        except (FileNotFoundError, OSError):
+            pass
+    parts.sort(key=lambda e: e["offset"])
+    return parts, gt_s, gt_i, {"vectors": added, "shards": shards, "tasks": len(groups), **plan}
 
 
 def build_index(files: list[str], column: str, out_dir: str, cfg: IndexConfig | dict | None = None,
@@ -463,9 +693,14 @@ def build_index(files: list[str], column: str, out_dir: str, cfg: IndexConfig | 
     train_rate = min(1.0, 1.2 * cfg.train_rows / total)
     query_rate = min(0.5, 1.2 * cfg.queries / total)
     groups = _groups(list(enumerate(files)), sizes, cfg.add_rows)
+    d0 = _declared_width(files[0], column, storage)  # fixed-size lists: known before reading
+    batch0 = batch_rows_for(d0 or 1024, mem)
+    train_cap = cfg.train_rows if not d0 else int(min(cfg.train_rows, max(10_000, mem * 0.15 // (4 * d0))))
+    train_rate = min(1.0, 1.2 * train_cap / total)
     sample = ray.remote(num_cpus=cfg.num_cpus)(_sample_task)
-    got = [r for part in ray.get([sample.remote(g, column, id_column, storage, train_rate, query_rate, cfg.seed,
-                                                None) for g in groups]) for r in part]
+    task_bytes = int(min(mem, 8 * batch0 * 4 * (d0 or 1024) + 256 * 2 ** 20))
+    got = [r for part in ray.get([sample.options(memory=task_bytes).remote(
+        g, column, id_column, storage, train_rate, query_rate, cfg.seed, batch0) for g in groups]) for r in part]
     got.sort(key=lambda r: r["file"])
     n = sum(r["vectors"] for r in got)
     dims = {r["dim"] for r in got if r["dim"]}
@@ -475,9 +710,9 @@ def build_index(files: list[str], column: str, out_dir: str, cfg: IndexConfig | 
         raise ValueError(f"index: column {column!r} has vectors of several widths {sorted(dims)}")
     d = dims.pop()
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    queries = np.concatenate([r["queries"] for r in got])[:cfg.queries]
-    query_ids = np.concatenate([offsets[r["file"]] + r["query_rows"] for r in got])[:cfg.queries]
-    train = np.concatenate([r["train"] for r in got] + [queries[:0]])
+    queries = np.concatenate([r["queries"] for r in got if r["dim"]])[:cfg.queries]
+    query_ids = np.concatenate([offsets[r["file"]] + r["query_rows"] for r in got if r["dim"]])[:cfg.queries]
+    train = np.concatenate([r["train"] for r in got if r["dim"]] + [queries[:0]])
     del got  # the per-file samples: their copies are in train / queries now
     choice = choose(n, d, cfg)
     k = min(cfg.k, max(1, n - 1))
@@ -487,40 +722,16 @@ def build_index(files: list[str], column: str, out_dir: str, cfg: IndexConfig | 
         if len(train) < 39 and choice.nlist:
             train = np.concatenate([train, queries])
         rng = np.random.default_rng(cfg.seed)
-        if len(train) > cfg.train_rows:
-            train = train[rng.choice(len(train), cfg.train_rows, replace=False)]
+        if len(train) > train_cap:
+            train = train[np.sort(rng.choice(len(train), train_cap, replace=False))]
         index.train(np.ascontiguousarray(train, np.float32))
     del train
     t_train = time.time()
     # pass 2: add, in parallel, and the exact ground truth of the queries
-    hnsw = _ivf(index) is None  # Flat and HNSW: the vectors come back and are added here (no merge)
-    empty = None if hnsw else faiss.serialize_index(index).tobytes()
-    ids_dir = join(out_dir, IDS_DIR)
-    fs, p = fsspec_fs(ids_dir, storage)
-    fs.makedirs(p, exist_ok=True)
-    add = ray.remote(num_cpus=cfg.num_cpus)(_add_task)
-    groups3 = [[(j, f, int(offsets[j])) for j, f in g] for g in groups]
-    task_mem = [max(1, int(sum(sizes[j] for j, _ in g) * (4 * d + choice.bytes_per_vector) * 1.5)) for g in groups]
-    q_ref, qi_ref = ray.put(queries), ray.put(query_ids)
     rerank = choice.kind == "ivf_pq" or (choice.kind == "custom" and "PQ" in choice.factory)
-    vectors_dir = join(out_dir, VECTORS_DIR) if rerank else None
-    pending = [add.options(memory=min(m, mem)).remote(g, column, id_column, storage, empty, q_ref, qi_ref, k, ids_dir,
-                                                      hnsw, vectors_dir) for g, m in zip(groups3, task_mem)]
-    parts, gt_s, gt_i = [], [], []
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        r = ray.get(done[0])
-        parts.extend(r["parts"])
-        gt_s.append(r["gt_scores"])
-        gt_i.append(r["gt_ids"])
-        if hnsw:
-            if r["vectors"] is not None:
-                index.add_with_ids(r["vectors"], r["ids"])
-        else:
-            shard = faiss.deserialize_index(np.frombuffer(r["index"], np.uint8))
-            _merge(index, shard)
-            del shard  # before the next one arrives: one shard in the driver at a time
-        del r
+    groups3 = [[(j, f, int(offsets[j])) for j, f in g] for g in groups]
+    parts, gt_s, gt_i, build = _add_groups(index, groups3, column, id_column, storage, out_dir, cfg, d,
+                                       choice.bytes_per_vector, queries, query_ids, k, rerank)
     parts.sort(key=lambda e: e["offset"])
     s = np.concatenate(gt_s, 1)
     order = np.argsort(-s, axis=1, kind="stable")[:, :k]
@@ -537,12 +748,13 @@ def build_index(files: list[str], column: str, out_dir: str, cfg: IndexConfig | 
         "id_parts": parts, "next_id": int(total), "tombstones": [],
         "generation": 1, "index_file": "index-g0001.faiss",
         "max_memory_mb": cfg.max_memory_mb, "config": cfg.model_dump(),
+        "build": {k: v for k, v in build.items() if k != "vectors"},
         "created": datetime.now(timezone.utc).isoformat(),
         "seconds": {"train": round(t_train - t0, 3), "add": round(t_add - t_train, 3),
                     "tune": round(time.time() - t_add, 3)},
         **(extra or {}),
     }
-    manifest["index_bytes"] = _write_index(index, join(out_dir, manifest["index_file"]), storage)
+    manifest["index_bytes"] = write_index_file(index, join(out_dir, manifest["index_file"]), storage)
     write_json_atomic(join(out_dir, INDEX_MANIFEST), manifest, storage)
     log.info("index %s: %s, recall@%d %.3f, %.2f ms/query, %.1f s", column, choice.factory, k, tuning["recall"],
              tuning["query_ms_p50"], time.time() - t0)
@@ -624,7 +836,7 @@ class LoadedIndex:
             m["generation"] += 1
             m["index_file"] = f"index-g{m['generation']:04d}.faiss"
         m["vectors"] = int(self.index.ntotal)
-        m["index_bytes"] = _write_index(self.index, join(self.path, m["index_file"]), self.storage)
+        m["index_bytes"] = write_index_file(self.index, join(self.path, m["index_file"]), self.storage)
         m["updated"] = datetime.now(timezone.utc).isoformat()
         write_json_atomic(join(self.path, INDEX_MANIFEST), m, self.storage)
         if generation_bump and old != m["index_file"]:
@@ -637,15 +849,10 @@ class LoadedIndex:
 
 
 def load_index(path: str, storage: StorageConfig | None = None) -> LoadedIndex:
-    import faiss
-
     manifest = read_json(join(path, INDEX_MANIFEST), storage)
     if manifest is None:
         raise FileNotFoundError(f"no committed index at {path} (no {INDEX_MANIFEST})")
-    fs, p = fsspec_fs(join(path, manifest["index_file"]), storage)
-    with fs.open(p, "rb") as fh:
-        blob = np.frombuffer(fh.read(), np.uint8)
-    index = faiss.deserialize_index(blob)
+    index = read_index_file(join(path, manifest["index_file"]), storage)
     set_params(index, manifest.get("search_params") or {})
     return LoadedIndex(path, manifest, index, storage)
 
@@ -654,47 +861,28 @@ def add_to_index(path: str, files: list[str], storage: StorageConfig | None = No
                  id_column: str | None = None) -> dict:
     """Add the vectors of ``files`` to the trained index at ``path`` (no retraining): new id parts
     from ``next_id`` on; returns the updated ``_INDEX.json``."""
-    import faiss
     import ray
 
     li = load_index(path, storage)
     m = li.manifest
     column = column or m["column"]
     id_column = id_column or m["id_column"]
-    hnsw = _hnsw(li.index) is not None
-    if hnsw or _ivf(li.index) is None:
-        empty = None
-        hnsw = True  # Flat and HNSW: the vectors come back and are added here
-    else:
-        c = faiss.clone_index(li.index)
-        c.reset()
-        empty = faiss.serialize_index(c).tobytes()
     sizes = ray.get([ray.remote(_rows_of).remote(f, storage) for f in files])
     start = int(m["next_id"])
     first_part = 1 + max([int(posixpath.basename(e["path"])[5:10]) for e in m["id_parts"]] or [-1])
     offsets = start + np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
     cfg = IndexConfig(**m.get("config", {}))
     groups = _groups([(first_part + j, f, int(offsets[j])) for j, f in enumerate(files)], sizes, cfg.add_rows)
-    add = ray.remote(num_cpus=cfg.num_cpus)(_add_task)
-    q = np.zeros((0, m["dim"]), np.float32)
-    vectors_dir = join(path, VECTORS_DIR) if m.get("rerank_factor") else None
-    results = ray.get([add.remote(g, column, id_column, storage, empty, q, np.zeros(0, np.int64), 1,
-                                  join(path, IDS_DIR), hnsw, vectors_dir) for g in groups])
-    added = 0
-    for r in results:
-        m["id_parts"].extend(r["parts"])
-        if hnsw:
-            if r["vectors"] is not None:
-                li.index.add_with_ids(r["vectors"], r["ids"])
-                added += len(r["ids"])
-        else:
-            shard = faiss.deserialize_index(np.frombuffer(r["index"], np.uint8))
-            added += shard.ntotal
-            _merge(li.index, shard)
+    bpv = float(li.manifest.get("index_bytes", 0)) / max(1, int(li.index.ntotal)) or 4.0 * m["dim"] + 8
+    parts, _, _, build = _add_groups(li.index, groups, column, id_column, storage, path, cfg, m["dim"], bpv,
+                                     np.zeros((0, m["dim"]), np.float32), np.zeros(0, np.int64), 1,
+                                     bool(m.get("rerank_factor")))
+    m["id_parts"].extend(parts)
     m["id_parts"].sort(key=lambda e: e["offset"])
     m["next_id"] = start + int(sum(sizes))
     m["rows"] = int(m["rows"]) + int(sum(sizes))
-    m.setdefault("history", []).append({"op": "add", "files": len(files), "vectors": int(added),
+    m.setdefault("history", []).append({"op": "add", "files": len(files), "vectors": int(build["vectors"]),
+                                        "shards": build["shards"],
                                         "at": datetime.now(timezone.utc).isoformat()})
     return li.save()
 

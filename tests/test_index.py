@@ -112,6 +112,29 @@ def test_the_id_map_round_trips(ray_session, tmp_path, data):
     assert [p["source"] for p in m["id_parts"]] == files
 
 
+def test_a_small_memory_budget_streams_files_and_shards_one_file(ray_session, tmp_path):
+    """With a budget far below the vectors' size the build streams each file in batches and cuts
+    a single file into several shards (the driver merges them one at a time), and stays exact."""
+    from operators.index import iter_vectors, plan_memory
+
+    x = clustered(6000, seed=3)
+    files, ids = write_files(tmp_path / "one", x, 6000)  # one file, six times a shard
+    cfg = IndexConfig(queries=200, flat_max=100, hnsw_max=100, max_memory_mb=2)
+    m = build_index(files, "clip_image_embedding", str(tmp_path / "idx"), cfg)
+    assert m["type"] == "ivf_flat" and m["vectors"] == 6000
+    build = m["build"]
+    assert build["shard_rows"] == plan_memory(DIM, 4 * DIM + 8, cfg)["shard_rows"] < 6000
+    assert build["shards"] == -(-6000 // build["shard_rows"]) >= 2  # one file cut into shards
+    assert build["shard_rows"] * (4 * DIM + 8) <= cfg.max_memory_mb * 2 ** 20 / 4
+    assert build["task_bytes"] <= cfg.max_memory_mb * 2 ** 20  # what each add task asks Ray for
+    assert not (tmp_path / "idx" / "_build").exists()  # the shard files are gone once merged
+    batches = list(iter_vectors(files[0], "clip_image_embedding", "sample_id", None, build["batch_rows"]))
+    assert len(batches) > 1 and sum(len(b[1]) for b in batches) == 6000
+    li = load_index(str(tmp_path / "idx"))
+    assert [li.id_of(i) for i in range(6000)] == ids
+    assert m["tuning"]["recall_met"] and recall(li, x, ids, clustered(200, seed=97)) >= 0.95
+
+
 def test_build_and_search_on_s3(ray_session, tmp_path, s3fs_client, s3_server, data):
     from operators.storage import StorageConfig
 
