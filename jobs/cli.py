@@ -1,4 +1,4 @@
-"""The ``imgcurate`` command: ``run CONFIG``, ``phase2 CONFIG``, ``dry-run``, ``validate CONFIG``,
+"""The ``imgcurate`` command: ``run CONFIG``, ``phase2 CONFIG``, ``refresh CONFIG``, ``dry-run``, ``validate CONFIG``,
 ``index build|add|remove``, ``search`` (jobs/index_cli.py) and ``serve`` (jobs/serve.py)."""
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ def _parser() -> argparse.ArgumentParser:
     ph2 = sub.add_parser("phase2", help="rerun only phase 2 (dedup, selections, coreset, a new snapshot) over the "
                                         "finished phase-1 output of CONFIG: nothing is downloaded again")
     ph2.add_argument("config")
+    ref = sub.add_parser("refresh", help="refresh the dataset of CONFIG from the crawl its input names: only new "
+                                         "samples are downloaded, old ones re-checked, takedowns applied, and the "
+                                         "next snapshot version published (jobs/refresh.py)")
+    ref.add_argument("config")
     val = sub.add_parser("validate", help="check CONFIG, print it with every default filled in, then the chain of "
                                           "stages: what each reads and writes, where it runs, its model")
     val.add_argument("config")
@@ -30,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     from jobs.index_cli import add_parsers
 
     add_parsers(sub)
-    for sp in (run, ph2, val, dry):
+    for sp in (run, ph2, ref, val, dry):
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set download.timeout_s=5 (repeatable)")
         sp.add_argument("-v", "--verbose", action="store_true")
@@ -64,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
             print("\nthe chain (stage [where it runs], the columns it reads and writes, its model):")
             print(describe(cfg))
             print("config OK", file=sys.stderr)
+            return 0
+        if args.command == "refresh":
+            from jobs import refresh
+
+            manifest = refresh.run_refresh(refresh.load_refresh_config(args.config, args.overrides))
+            print(refresh.summary(manifest))
             return 0
         from jobs import curate
 

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from jobs.stages import PHASE2, STAGES, config_errors, config_warnings
+from operators.refresh import RefreshConfig
 from operators.sources import SourceConfig
 from operators.storage import StorageConfig
 
@@ -89,6 +90,8 @@ class _JobBase(BaseModel):
     storage: StorageConfig = StorageConfig()
     plan: PlanConfig = PlanConfig()
     ray: RayConfig = RayConfig()
+    refresh: RefreshConfig = Field(RefreshConfig(), description="imgcurate refresh: new samples only, re-checks, "
+                                                                "takedowns, retention")
 
     def fingerprint(self, *sections: str) -> str:
         """A hash of the named sections (default: every section but ``RUN_SECTIONS`` and
@@ -112,7 +115,7 @@ JobConfig = create_model(
 JobConfig.__doc__ = "The whole job: run sections (where and how) and one section per stage (what)."
 
 # Sections that only say where and how to run: not part of the fingerprint.
-RUN_SECTIONS = frozenset({"name", "output", "storage", "ray"})
+RUN_SECTIONS = frozenset({"name", "output", "storage", "ray", "refresh"})
 # Phase 2's sections: rerun over an existing phase-1 output with other settings (``imgcurate phase2``).
 PHASE2_SECTIONS = frozenset(s.section for s in STAGES if s.runs_in == PHASE2)
 # Keys (in any section) that say where a stage keeps local copies or caches, not what it writes.

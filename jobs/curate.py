@@ -21,7 +21,7 @@ import ray
 
 from jobs.config import ConfigError, JobConfig, load_config
 from jobs.phase2 import run_phase2
-from jobs.plan import load_plan, pack_shards, run_plan, waves_of
+from jobs.plan import load_plan, pack_shards, plan_dir, run_plan, waves_of
 from jobs.sizing import PipelinePlan, StageNeed, fit_pipeline
 from jobs.stages import describe, model_stages, models_of, recaption_cache_root
 from operators.download import HttpDownloader
@@ -30,6 +30,7 @@ from operators.recaption.vllm import apply_vllm_recaption
 from operators.shards import SampleShards
 from operators.sinks import PARQUET_OPTIONS, count_written, sink_prep
 from operators.lock import LOCK_NAME, OutputLock
+from operators.refresh import seen_of_plan
 from operators.snapshot import publish
 from operators.storage import arrow_fs, fsspec_fs, join, read_json, write_json_atomic
 
@@ -340,7 +341,8 @@ def _run(cfg: JobConfig, phase2_only: bool) -> dict:
     snapshot = publish(files, cfg.output.path, cfg.storage, cfg.publish, final=bool(phase2),
                        manifest_extra={"name": cfg.name, "models": models_of(cfg),
                                        "config": cfg.model_dump(mode="json"), "phase2": phase2.get("steps", {}),
-                                       "phase1_fingerprint": cfg.fingerprint()})
+                                       "phase1_fingerprint": cfg.fingerprint(), "data_files": files,
+                                       "seen": seen_of_plan(plan_dir(cfg), plan)})
     t_idx = time.time()
     indices = {}
     if snapshot and cfg.index.enabled:  # kNN indices into the new snapshot (operators/index.py)

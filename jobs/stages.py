@@ -333,7 +333,10 @@ def describe(cfg: "JobConfig", plan=None) -> str:
 def reason_table() -> str:
     """README's drop-reason table, from the stages' declarations (tests/test_docs.py keeps README current)."""
     lines = ["| stage | status | reason | meaning |", "|---|---|---|---|"]
+    from operators.refresh import REFRESH_REASONS, REFRESH_STAGE
+
     entries = [(PLAN_STAGE, r) for r in PLAN_REASONS] + [(s.drop_stage(), r) for s in STAGES for r in s.drop_reasons()]
+    entries += [(REFRESH_STAGE, r) for r in REFRESH_REASONS]
     for stage_name, r in entries:
         shown = r.name.replace("{", "<").replace("}", ">")
         lines.append(f"| {stage_name} | {r.status} | `{shown}` | {r.meaning} |")

@@ -163,7 +163,7 @@ def _prepare_version(output_path: str, storage: StorageConfig | None) -> tuple[i
 
 # --- sources ------------------------------------------------------------------------------------
 def _sources(files: list[str], output_path: str, storage: StorageConfig | None,
-             final: bool | None = None) -> tuple[list[Source], str]:
+             final: bool | None = None, sidecar_root: str | None = None) -> tuple[list[Source], str]:
     """The data files in publishing order with their sidecars, and where status comes from:
     ``final`` (phase 2 committed its sidecars) or ``data`` (no phase-2 step ran). ``final``: True
     requires the sidecars, False ignores them, None takes them when phase 2 committed them."""
@@ -173,7 +173,7 @@ def _sources(files: list[str], output_path: str, storage: StorageConfig | None,
     names = [posixpath.basename(f) for f in files]
     if len(set(names)) != len(names):
         raise ValueError("publish: two data files share a basename; their sidecars would collide")
-    side_dir = join(output_path, FINAL_DIR)
+    side_dir = join(sidecar_root or output_path, FINAL_DIR)
     fs, p = fsspec_fs(side_dir, storage)
     if final is False:
         return [Source(f, None) for f in files], "data"
@@ -480,7 +480,7 @@ RESERVED_KEYS = ("version", "created", "parent", "path", "files", "counts", "col
 
 def publish(source, output_path: str | None = None, storage: StorageConfig | None = None,
             config: PublishConfig | dict | None = None, manifest_extra: dict | None = None,
-            final: bool | None = None) -> dict:
+            final: bool | None = None, sidecar_root: str | None = None) -> dict:
     """Write the kept samples of ``source`` (a list of data files, or a phase-2 context) as the next
     snapshot version under ``<output_path>/snapshots/``; returns its ``_SNAPSHOT.json`` (``{}`` when
     ``config.enabled`` is false). ``output_path`` / ``storage`` default to the context's.
@@ -488,7 +488,8 @@ def publish(source, output_path: str | None = None, storage: StorageConfig | Non
     ``final``: where each sample's status comes from. True: the phase-2 sidecars (``final/``, an
     error unless ``final/_FINAL.json`` exists); False: the data files (no phase-2 step ran; sidecars
     left by an earlier run are ignored); None: the sidecars if phase 2 committed them, else the data
-    files (an error if ``final/`` holds sidecars without ``_FINAL.json``)."""
+    files (an error if ``final/`` holds sidecars without ``_FINAL.json``). ``sidecar_root``: where
+    ``final/`` is, when not under ``output_path`` (a refresh's sidecars live in its own run dir)."""
     import ray
 
     cfg = config if isinstance(config, PublishConfig) else PublishConfig(**(config or {}))
@@ -504,7 +505,7 @@ def publish(source, output_path: str | None = None, storage: StorageConfig | Non
     if not cfg.enabled:
         return {}
     t0 = time.time()
-    sources, status_from = _sources(files, output_path, storage, final)
+    sources, status_from = _sources(files, output_path, storage, final, sidecar_root)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     count = ray.remote(num_cpus=1)(_count_files)
     groups = [sources[k:k + FILES_PER_COUNT_TASK] for k in range(0, len(sources), FILES_PER_COUNT_TASK)]

@@ -45,7 +45,9 @@ def _emitted_reasons() -> dict[str, str]:
 
 
 def _declared() -> list[DropReason]:
-    return list(PLAN_REASONS) + [r for s in STAGES for r in s.drop_reasons()]
+    from operators.refresh import REFRESH_REASONS
+
+    return list(PLAN_REASONS) + [r for s in STAGES for r in s.drop_reasons()] + list(REFRESH_REASONS)
 
 
 def test_every_reason_the_code_can_emit_is_declared():
