@@ -26,7 +26,7 @@ build refuses with the memory it would need. ``index_type`` may name a factory s
 training sample and the held-out queries (seeded, by row position); the driver trains; pass 2 adds
 each group's vectors to a copy of the trained empty index and computes the queries' exact top-k
 over the group (so the ground truth costs no extra pass), writing a shard file each time a shard
-reaches a quarter of the budget; the driver reads the shards back one at a time and merges their
+reaches an eighth of the budget; the driver reads the shards back one at a time and merges their
 inverted lists (``merge_from``). Files are streamed in batches (``iter_vectors``) and faiss files go
 through local files (``write_index_file`` / ``read_index_file``), never as in-memory byte copies, so
 every process (the driver: the index plus one shard; a task: one shard plus a batch) stays within
@@ -592,12 +592,14 @@ def _drop(path: str, storage) -> None:
 
 def plan_memory(d: int, bytes_per_vector: float, cfg: IndexConfig) -> dict:
     """How a build stays within ``max_memory_mb`` per process: the rows read at a time, and the
-    vectors a shard holds (a quarter of the budget: the driver holds the index, in half, and one
-    shard being merged; a task holds one shard and a batch)."""
+    vectors a shard holds: an eighth of the budget, as faiss's inverted lists grow by doubling (a
+    shard may take twice its bytes while it fills). The driver holds the index (half the budget,
+    by the chooser) and one shard being merged; a task one shard and a batch."""
     mem = int(cfg.max_memory_mb * 2 ** 20)
     batch = batch_rows_for(d, mem)
-    shard = int(max(1024, min(cfg.add_rows, mem // 4 // max(1.0, bytes_per_vector))))
-    task = int(min(mem, shard * bytes_per_vector + 6 * batch * 4 * d + GT_CHUNK * cfg.queries * 8 + 256 * 2 ** 20))
+    shard = int(max(1024, min(cfg.add_rows, mem // 8 // max(1.0, bytes_per_vector))))
+    task = int(min(mem, 2 * shard * bytes_per_vector + 6 * batch * 4 * d + GT_CHUNK * cfg.queries * 8
+                   + 256 * 2 ** 20))
     return {"batch_rows": batch, "shard_rows": shard, "task_bytes": task}
 
 

@@ -175,9 +175,14 @@ def _list_files(patterns: list[str], storage) -> list[str]:
     for pat in patterns:
         fs, p = fsspec_fs(pat, storage)
         proto = pat.split("://", 1)[0] + "://" if "://" in pat else ""
-        hits = sorted(fs.glob(p)) if any(c in p for c in "*?[") else [p]
-        if not hits or not all(fs.exists(h) for h in hits):
-            raise FileNotFoundError(f"refresh: takedown list {pat!r} matches no file")
+        if any(c in p for c in "*?["):  # a folder of lists may be empty this time
+            hits = sorted(fs.glob(p))
+            if not hits:
+                log.warning("refresh: takedown list glob %r matches no file", pat)
+        else:
+            hits = [p]
+            if not fs.exists(p):
+                raise FileNotFoundError(f"refresh: takedown list {pat!r} does not exist")
         out += [proto + h if proto else h for h in hits]
     return out
 

@@ -119,13 +119,13 @@ def test_a_small_memory_budget_streams_files_and_shards_one_file(ray_session, tm
 
     x = clustered(6000, seed=3)
     files, ids = write_files(tmp_path / "one", x, 6000)  # one file, six times a shard
-    cfg = IndexConfig(queries=200, flat_max=100, hnsw_max=100, max_memory_mb=2)
+    cfg = IndexConfig(queries=200, flat_max=100, hnsw_max=100, max_memory_mb=4)
     m = build_index(files, "clip_image_embedding", str(tmp_path / "idx"), cfg)
     assert m["type"] == "ivf_flat" and m["vectors"] == 6000
     build = m["build"]
     assert build["shard_rows"] == plan_memory(DIM, 4 * DIM + 8, cfg)["shard_rows"] < 6000
     assert build["shards"] == -(-6000 // build["shard_rows"]) >= 2  # one file cut into shards
-    assert build["shard_rows"] * (4 * DIM + 8) <= cfg.max_memory_mb * 2 ** 20 / 4
+    assert build["shard_rows"] * (4 * DIM + 8) <= cfg.max_memory_mb * 2 ** 20 / 8
     assert build["task_bytes"] <= cfg.max_memory_mb * 2 ** 20  # what each add task asks Ray for
     assert not (tmp_path / "idx" / "_build").exists()  # the shard files are gone once merged
     batches = list(iter_vectors(files[0], "clip_image_embedding", "sample_id", None, build["batch_rows"]))

@@ -63,8 +63,9 @@ def test_takedown_lists_and_hash_forms(tmp_path):
         csv.writer(f).writerows([["note", "sha256"], ["x", "AB" * 32]])
     assert read_list([str(tmp_path / "a.txt")], "url") == ["http://Example.com/x.jpg", "https://e.org/y.png"]
     assert read_list([str(tmp_path / "*.csv")], "sha256") == ["AB" * 32]
-    with pytest.raises(FileNotFoundError, match="matches no file"):
-        read_list([str(tmp_path / "missing-*.txt")], "url")
+    assert read_list([str(tmp_path / "missing-*.txt")], "url") == []  # an empty folder of lists this week
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_list([str(tmp_path / "missing.txt")], "url")
     assert parse_phash("ffffffffffffffff") == -1 and parse_phash("0x10") == 16 and parse_phash("-2") == -2
     assert parse_phash("0000000000000010") == 16  # 16 digits are imagehash's hex form
     with pytest.raises(ValueError, match="pHash"):
@@ -72,6 +73,18 @@ def test_takedown_lists_and_hash_forms(tmp_path):
     draw = recheck_draw([f"s{i}" for i in range(4000)], 0.25, "v=0002")
     assert 800 < draw.sum() < 1200 and (draw == recheck_draw([f"s{i}" for i in range(4000)], 0.25, "v=0002")).all()
     assert (draw != recheck_draw([f"s{i}" for i in range(4000)], 0.25, "v=0003")).any()  # a new slice each time
+
+
+def test_the_scheduled_refresh_config_matches_the_dataset_it_refreshes():
+    """cluster/ schedules configs/refresh.yaml over the dataset configs/laion-style.yaml makes: a
+    refresh refuses other phase-1 stage settings, so the two must agree."""
+    from jobs.config import CONFIG_DIR, load_config
+    from jobs.refresh import load_refresh_config, stage_fingerprint
+
+    refresh = load_refresh_config(CONFIG_DIR / "refresh.yaml")
+    assert stage_fingerprint(refresh) == stage_fingerprint(load_config(CONFIG_DIR / "laion-style.yaml"))
+    assert refresh.output.path == load_config(CONFIG_DIR / "laion-style.yaml").output.path
+    assert refresh.refresh.takedown_urls and refresh.refresh.keep_versions
 
 
 # --- a dataset and its refreshes ---------------------------------------------------------------------
@@ -175,7 +188,7 @@ def second_refresh(world, first_refresh):
     rows = {r["url"]: r for r in _rows(v2_dir)}
     old = [server.url(f"/img/{n}") for n in names[:8]]
     by_url, by_sha, by_phash, dead = (rows[u] for u in old[:4])
-    (work / "urls.txt").write_text(f"# takedown by URL\n{by_url['url'].upper().replace('/IMG/', '/img/')}\n")
+    (work / "urls.txt").write_text(f"# takedown by URL\n{by_url['url'].replace('http://', 'HTTP://')}\n")
     (work / "sha.csv").write_text(f"sha256\n{by_sha['sha256'].upper()}\n")
     ph = (int(by_phash["phash"]) & (2 ** 64 - 1)) ^ 0b101  # two bits away
     (work / "phash.txt").write_text(f"{ph:016x}\n")
@@ -243,11 +256,16 @@ def test_a_killed_refresh_resumes_and_publishes_once(world, second_refresh, tmp_
     out, names = world["out"], world["names"]
     work = world["work"]
     before = sorted(p.name for p in (Path(out) / "snapshots").iterdir())
-    with SampleServer(root_dir=images_dir(str(work)), latency_ms=400) as slow:
-        crawl = _urls(slow, names[:N], tmp_path / "crawl-slow.csv")  # another host:port: all new
-        cfg = _cfg(crawl, out, refresh={"recheck_fraction": 0.0},
-                   download={"concurrency": 2, "per_host_concurrency": 2},
-                   ray={"target_max_block_mb": 0.01})
+    copies = 8  # the same images under 8 query strings: 288 new URLs, a wave of several seconds
+    total = N * copies
+    with SampleServer(root_dir=images_dir(str(work)), latency_ms=1500) as slow:
+        crawl = tmp_path / "crawl-slow.csv"
+        with open(crawl, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["url", "caption"])
+            for k in range(copies):
+                w.writerows([slow.url(f"/img/{n}?copy={k}"), f"copy {k} of {n}"] for n in names)
+        cfg = _cfg(str(crawl), out, refresh={"recheck_fraction": 0.0}, ray={"target_max_block_mb": 0.01})
         path = tmp_path / "refresh.yaml"
         path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
@@ -277,9 +295,9 @@ def test_a_killed_refresh_resumes_and_publishes_once(world, second_refresh, tmp_
     ids = [r["sample_id"] for r in rows]
     assert len(ids) == len(set(ids))
     m = json.loads((rdir / "_manifest.json").read_text())
-    assert m["crawl"]["new"] == N and m["waves"] and sum(w["samples"] for w in m["waves"]) == N
+    assert m["crawl"]["new"] == total and m["waves"] and sum(w["samples"] for w in m["waves"]) == total
     data = pq.read_table([str(p) for p in (rdir / "data").rglob("*.parquet")], columns=["sample_id"]).column(
         "sample_id").to_pylist()
-    assert sorted(data) == sorted(set(data)) and len(data) == N  # every new sample once in phase 1's output
-    assert snap["refresh"]["crawl"]["new"] == N
+    assert sorted(data) == sorted(set(data)) and len(data) == total  # every new sample once in phase 1's output
+    assert snap["refresh"]["crawl"]["new"] == total
     shutil.rmtree(tmp_path, ignore_errors=True)
