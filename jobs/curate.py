@@ -484,12 +484,18 @@ def summary_table(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.curate", description=__doc__.splitlines()[0])
+def job_args(prog: str, description: str, argv: list[str] | None) -> argparse.Namespace:
+    """``CONFIG [--set KEY=VALUE ...]`` of a ``python -m jobs.X`` entry point, with INFO logging."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("config")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = job_args("python -m jobs.curate", __doc__.splitlines()[0], argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:

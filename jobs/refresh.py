@@ -24,7 +24,6 @@ a no-op.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import posixpath
 import sys
@@ -35,7 +34,7 @@ import pyarrow.parquet as pq
 import ray
 
 from jobs.config import PHASE2_SECTIONS, RUN_SECTIONS, ConfigError, JobConfig, load_config
-from jobs.curate import JobError, check_run_identity, init_ray, run_wave, versions, wave_paths
+from jobs.curate import JobError, check_run_identity, init_ray, job_args, run_wave, versions, wave_paths
 from jobs.phase2 import run_steps, steps_of
 from jobs.plan import run_plan, waves_of
 from jobs.stages import models_of
@@ -284,11 +283,7 @@ def summary(m: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.refresh", description=__doc__.splitlines()[0])
-    parser.add_argument("config")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = job_args("python -m jobs.refresh", __doc__.splitlines()[0], argv)
     try:
         cfg = load_refresh_config(args.config, args.overrides)
         manifest = run_refresh(cfg)

@@ -69,6 +69,7 @@ def remove_when(cluster, server, report: dict, after_hits: int, timeout_s: float
 
 
 def rows_per_sample(files: list[str]) -> dict[str, int]:
+    """How many rows each sample_id has across the given Parquet files (also used by test_cluster_run)."""
     import pyarrow.parquet as pq
 
     counts: dict[str, int] = {}

@@ -28,6 +28,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from cluster_node_loss import rows_per_sample  # tests/: the node-loss script's counter
+
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -54,13 +56,6 @@ def write_urls(path: Path, server: SampleServer, n: int, n_missing: int = 0) -> 
     return str(path)
 
 
-def rows_per_sample(files: list[str]) -> dict[str, int]:
-    """How many rows each sample_id has across the given Parquet files."""
-    counts: dict[str, int] = {}
-    for f in files:
-        for sid in pq.read_table(f, columns=["sample_id"]).column("sample_id").to_pylist():
-            counts[sid] = counts.get(sid, 0) + 1
-    return counts
 
 
 def models_off_config(urls: str, out: Path) -> dict:
