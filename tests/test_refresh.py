@@ -88,6 +88,22 @@ def test_the_scheduled_refresh_config_matches_the_dataset_it_refreshes():
     assert refresh.refresh.takedown_urls and refresh.refresh.keep_versions
 
 
+def test_retention_removes_the_oldest_committed_versions_only(tmp_path):
+    from jobs.refresh import apply_retention
+
+    snaps = tmp_path / "snapshots"
+    for v in (1, 2, 3, 4, 5):
+        d = snaps / f"v={v:04d}"
+        d.mkdir(parents=True)
+        (d / "part-00000.parquet").write_bytes(b"x")
+        if v != 3:  # v=3: a publish that crashed before its commit, not a version
+            (d / "_SNAPSHOT.json").write_text("{}")
+    assert apply_retention(str(tmp_path), 0, None, 5) == []  # 0 keeps every one
+    assert apply_retention(str(tmp_path), 2, None, 5) == [1, 2]
+    assert sorted(p.name for p in snaps.iterdir()) == ["v=0003", "v=0004", "v=0005"]
+    assert apply_retention(str(tmp_path), 1, None, 5) == [4]
+
+
 # --- a dataset and its refreshes ---------------------------------------------------------------------
 def _urls(server, names, path):
     with open(path, "w", newline="") as f:
