@@ -14,6 +14,7 @@ import pyarrow as pa
 import ray
 
 from jobs.config import ConfigError, JobConfig
+from operators.commoncrawl import merge_stats
 from operators.sources import bucket_dir, expand_paths, merge_bucket, scatter_file, unify_extra_schema
 from operators.storage import fsspec_fs, join, read_json, write_json_atomic
 
@@ -64,7 +65,8 @@ def run_plan(cfg: JobConfig) -> dict:
     manifest = {
         "version": PLAN_VERSION,
         "fingerprint": fp,
-        "input_files": [{"path": s["file"], "rows": s["rows"]} for s in file_stats],
+        "input_files": [{"path": s["file"], "rows": s["rows"], **({"records": s["records"]} if "records" in s else {})}
+                        for s in file_stats],
         "input_rows": sum(s["rows"] for s in file_stats),
         "samples": sum(b["samples"] for b in bucket_stats),
         "invalid_urls": sum(b["invalid"] for b in bucket_stats),
@@ -74,6 +76,9 @@ def run_plan(cfg: JobConfig) -> dict:
         "seconds": round(time.time() - t0, 3),
         "where": "driver" if local else "ray tasks",
     }
+    wat = [s["records"] for s in file_stats if "records" in s]
+    if wat:  # Common Crawl WAT input: records and links that gave no row, by reason (operators/commoncrawl.py)
+        manifest["records"] = merge_stats(wat)
     write_json_atomic(join(pdir, "_PLAN.json"), manifest, cfg.storage)
     log.info("plan: %d input rows -> %d samples (%d without a usable URL) in %.1fs (%s)",
              manifest["input_rows"], manifest["samples"], manifest["invalid_urls"], manifest["seconds"],

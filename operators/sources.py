@@ -26,11 +26,12 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from operators.base import FAILED, KEPT, DropReason
+from operators.commoncrawl import WatConfig, expand_cc_index, is_cc_index, is_wat, iter_wat
 from operators.storage import StorageConfig, fsspec_fs, join
 
 log = logging.getLogger(__name__)
 
-InputFormat = Literal["auto", "parquet", "csv", "tsv", "jsonl"]
+InputFormat = Literal["auto", "parquet", "csv", "tsv", "jsonl", "wat", "cc-index"]
 BAD_LINE = "__bad_line__"  # iter_rows' column for a JSONL line that is not a JSON object
 SAMPLE_ID_HEX = 32  # 128-bit blake2b of the normalized URL
 RESERVED_COLUMNS = ("sample_id", "url", "url_original", "captions", "caption_sources", "n_input_rows",
@@ -53,7 +54,9 @@ class SourceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     paths: list[str] = Field(..., min_length=1, description="files or globs, local or s3://")
-    format: InputFormat = Field("auto", description="auto: by file extension (.gz allowed)")
+    format: InputFormat = Field("auto", description="auto: by file extension (.gz allowed; .warc.wat.gz: wat, "
+                                                      "wat.paths.gz: cc-index); wat: Common Crawl WAT files; "
+                                                      "cc-index: lists of WAT paths")
     url_column: str = Field("url", description="column with the image URL")
     caption_columns: list[str] = Field(default_factory=lambda: ["caption"],
                                        description="columns holding captions (alt-text, title, ...)")
@@ -61,6 +64,7 @@ class SourceConfig(BaseModel):
     max_url_length: int = Field(2048, ge=16, description="longer URLs fail as url_too_long")
     max_caption_chars: int = Field(4096, ge=1, description="longer captions are cut")
     read_batch_rows: int = Field(65536, ge=1, description="rows read from an input file at a time")
+    wat: WatConfig = Field(WatConfig(), description="Common Crawl WAT parsing (operators/commoncrawl.py)")
 
     @field_validator("paths")
     @classmethod
@@ -171,13 +175,21 @@ def expand_paths(cfg: SourceConfig, storage: StorageConfig | None) -> list[str]:
             raise FileNotFoundError(f"input path not found: {pattern}")
         if not found:
             raise FileNotFoundError(f"input pattern matched no files: {pattern}")
-        files.extend(proto + f for f in found)
+        for f in found:
+            if cfg.format == "cc-index" or (cfg.format == "auto" and is_cc_index(f)):
+                files.extend(expand_cc_index(proto + f, cfg.wat, storage))  # a snapshot's WAT files
+            else:
+                files.append(proto + f)
     return files
 
 
 def detect_format(path: str, fmt: InputFormat) -> str:
+    if fmt == "cc-index":  # expand_paths turned the lists into their WAT files
+        return "wat"
     if fmt != "auto":
         return fmt
+    if is_wat(path):
+        return "wat"
     name = path.lower()
     if name.endswith(".gz"):
         name = name[:-3]
@@ -196,9 +208,15 @@ def _to_text(v):
     return str(v)
 
 
-def iter_rows(path: str, cfg: SourceConfig, storage: StorageConfig | None) -> Iterator[pa.Table]:
-    """Stream one input file as tables of raw rows (all the file's columns)."""
+def iter_rows(path: str, cfg: SourceConfig, storage: StorageConfig | None,
+              stats: dict | None = None) -> Iterator[pa.Table]:
+    """Stream one input file as tables of raw rows (all the file's columns). ``stats``: a WAT
+    file's record counts (operators/commoncrawl.py) go there."""
     fmt = detect_format(path, cfg.format)
+    if fmt == "wat":
+        caption = cfg.caption_columns[0] if cfg.caption_columns else "caption"
+        yield from iter_wat(path, cfg.wat, storage, cfg.url_column, caption, stats)
+        return
     fs, p = fsspec_fs(path, storage)
     if fmt == "parquet":
         with fs.open(p, "rb") as f:
@@ -372,7 +390,8 @@ def scatter_file(file_index: int, path: str, cfg: SourceConfig, storage: Storage
         buffers, buffered = {}, 0
         part += 1
 
-    for table in iter_rows(path, cfg, storage):
+    records: dict = {}
+    for table in iter_rows(path, cfg, storage, records):
         norm = normalize_rows(table, cfg, path, rows)
         rows += table.num_rows
         schemas.append(norm.schema)
@@ -386,7 +405,10 @@ def scatter_file(file_index: int, path: str, cfg: SourceConfig, storage: Storage
     if buffered:
         flush()
     extra = unify_extra_schema(schemas, keep_null=True) if schemas else pa.schema([])
-    return {"file": path, "rows": rows, "extra_schema": extra.serialize().to_pybytes()}
+    out = {"file": path, "rows": rows, "extra_schema": extra.serialize().to_pybytes()}
+    if records:
+        out["records"] = records
+    return out
 
 
 def merge_bucket(bucket: int, scatter_dir: str, out_dir: str, extra_schema: pa.Schema,
