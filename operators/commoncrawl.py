@@ -35,10 +35,12 @@ callable ``f(texts, model_path) -> [(lang or None, score)]``; it adds ``language
 from __future__ import annotations
 
 import importlib
+import io
 import json
 import logging
 import posixpath
 import re
+import zlib
 from typing import Callable, Iterator
 from urllib.parse import urljoin
 
@@ -100,7 +102,7 @@ class WatConfig(BaseModel):
                                        description="image paths ending so are skipped")
     cc_base: str = Field("s3://commoncrawl/", description="where a wat.paths(.gz) file's relative paths live")
     batch_rows: int = Field(65536, ge=1, description="rows per table a WAT file is read into")
-    language: LanguageConfig = LanguageConfig()
+    language: LanguageConfig = Field(LanguageConfig(), description="optional language detection of the alt-texts")
 
 
 def is_wat(path: str) -> bool:
@@ -201,6 +203,78 @@ def language_detector(cfg: LanguageConfig) -> Callable[[list[str]], list[tuple[s
     return lambda texts: f(texts, cfg.model_path)
 
 
+class GzipMembers(io.RawIOBase):
+    """Multi-member gzip, decompressed member by member, that hands out every byte before a cut:
+    Python's ``gzip`` raises at a member cut short and loses what the same ``read`` had
+    decompressed of the complete members before it; here those bytes are returned first, and the
+    next read raises ``EOFError``. A corrupt member raises ``OSError``."""
+
+    def __init__(self, raw, chunk: int = 1 << 16):
+        self.raw, self.chunk = raw, chunk
+        self._d = zlib.decompressobj(31)
+        self._fed = False  # the current member has had input
+        self._buf, self._pos = b"", 0
+        self._end = False
+        self._offset = 0  # decompressed bytes handed out
+        self.truncated = False
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:  # fastwarc asks where it is; forward seeks skip, backward ones fail
+        return True
+
+    def tell(self) -> int:
+        return self._offset
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        target = offset if whence == io.SEEK_SET else self._offset + offset if whence == io.SEEK_CUR else None
+        if target is None or target < self._offset:
+            raise io.UnsupportedOperation("a gzip stream seeks forward only")
+        skip = bytearray(1 << 16)
+        while self._offset < target:
+            if not self.readinto(memoryview(skip)[:min(len(skip), target - self._offset)]):
+                break
+        return self._offset
+
+    def _fill(self) -> None:
+        out = []
+        while not out and not self._end:
+            data = self.raw.read(self.chunk)
+            if not data:
+                self._end = True
+                self.truncated = self._fed and not self._d.eof
+                break
+            try:
+                piece = self._d.decompress(data)
+                self._fed = True
+                while self._d.eof:  # a member ended: the next starts in its unused data
+                    rest = self._d.unused_data
+                    self._d, self._fed = zlib.decompressobj(31), False
+                    if not rest:
+                        break
+                    piece += self._d.decompress(rest)
+                    self._fed = True
+            except zlib.error as exc:
+                raise OSError(f"corrupt gzip data: {exc}") from None
+            if piece:
+                out.append(piece)
+        self._buf, self._pos = b"".join(out), 0
+
+    def readinto(self, b) -> int:
+        if self._pos >= len(self._buf):
+            self._fill()
+            if not self._buf:
+                if self.truncated:
+                    raise EOFError("the file ends inside a gzip member (truncated)")
+                return 0
+        n = min(len(b), len(self._buf) - self._pos)
+        b[:n] = self._buf[self._pos:self._pos + n]
+        self._pos += n
+        self._offset += n
+        return n
+
+
 class open_gzip:
     """A gzip reader over ``raw`` when it starts with the gzip magic, else ``raw`` itself."""
 
@@ -208,16 +282,12 @@ class open_gzip:
         self.raw = raw
 
     def __enter__(self):
-        import gzip
-
         head = self.raw.read(2)
         self.raw.seek(0)
-        self.stream = gzip.GzipFile(fileobj=self.raw, mode="rb") if head == b"\x1f\x8b" else self.raw
+        self.stream = GzipMembers(self.raw) if head == b"\x1f\x8b" else self.raw
         return self.stream
 
     def __exit__(self, *exc):
-        if self.stream is not self.raw:
-            self.stream.close()
         return False
 
 
@@ -261,8 +331,8 @@ def iter_wat(path: str, cfg: WatConfig, storage: StorageConfig | None, url_colum
 
     fs, p = fsspec_fs(path, storage)
     with fs.open(p, "rb") as raw:
-        # Python's gzip, not fastwarc's own: it raises at a member cut short (EOFError), where
-        # fastwarc would end quietly with a partial record, so a truncated file is known as one.
+        # Our member-by-member gzip, not fastwarc's own: it raises at a member cut short (EOFError)
+        # after every byte before it, where fastwarc would end quietly with a partial record.
         with open_gzip(raw) as stream:
             try:
                 for rec in ArchiveIterator(stream, record_types=WarcRecordType.metadata, parse_http=False,
