@@ -41,6 +41,7 @@ whether they were met, go into ``_INDEX.json``; a target that is not met is a wa
 from __future__ import annotations
 
 import bisect
+import contextlib
 import io
 import json
 import logging
@@ -203,19 +204,6 @@ def iter_vectors(path: str, column: str, id_column: str, storage: StorageConfig 
             del batch, x
 
 
-def vectors_of(path: str, column: str, id_column: str, storage: StorageConfig | None
-               ) -> tuple[np.ndarray, np.ndarray, list]:
-    """(rows with a vector, their float32 vectors L2-normalized, every row's id) of a whole file."""
-    rows, xs, ids = [], [], []
-    for start, bids, brows, x in iter_vectors(path, column, id_column, storage, 65536):
-        rows.append(start + brows)
-        xs.append(x)
-        ids.extend(bids)
-    if not xs:
-        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32), ids
-    return np.concatenate(rows), np.concatenate(xs), ids
-
-
 def _seeded_pick(file_index: int, rows: np.ndarray, rate: float, seed: int, salt: int, start: int = 0
                  ) -> np.ndarray:
     """A seeded draw of rows at ``rate``, the same for the same file position, row and seed (a
@@ -308,7 +296,7 @@ def _add_task(group: list[tuple[int, str, int]], column: str, id_column: str, st
         writer = None
         with _open_write(join(ids_dir, name), storage) as id_fh, \
                 (_open_write(join(vectors_dir, f"part-{j:05d}.f32"), storage) if vectors_dir is not None
-                 else _Null()) as vec_fh:
+                 else contextlib.nullcontext()) as vec_fh:
             for start, ids, rows, x in iter_vectors(path, column, id_column, storage, batch_rows):
                 mask = np.zeros(len(ids), bool)
                 mask[rows] = True
@@ -353,14 +341,6 @@ def _add_task(group: list[tuple[int, str, int]], column: str, id_column: str, st
         result["vectors"] = np.concatenate(keep_x) if keep_x else None
         result["ids"] = np.concatenate(keep_i) if keep_i else None
     return result
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # --- search parameters ---------------------------------------------------------------------------------
