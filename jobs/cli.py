@@ -1,5 +1,6 @@
 """The ``imgcurate`` command: ``run CONFIG``, ``phase2 CONFIG``, ``refresh CONFIG``, ``dry-run``, ``validate CONFIG``,
-``index build|add|remove``, ``search`` (jobs/index_cli.py) and ``serve`` (jobs/serve.py)."""
+``index build|add|remove``, ``search`` (jobs/index_cli.py), ``serve`` (jobs/serve.py) and ``report RUN_OUTPUT``
+(jobs/report.py)."""
 
 from __future__ import annotations
 
@@ -32,8 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     dry = sub.add_parser("dry-run", help="serve the bundled sample on 127.0.0.1 and run configs/dryrun.yaml")
     dry.add_argument("--work-dir", default="imgcurate-dryrun", help="where the sample and output go")
     from jobs.index_cli import add_parsers
+    from jobs.report import add_parser as add_report_parser
 
     add_parsers(sub)
+    add_report_parser(sub)
     for sp in (run, ph2, ref, val, dry):
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set download.timeout_s=5 (repeatable)")
@@ -43,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose or args.command != "validate" else logging.WARNING,
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) or args.command != "validate" else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     try:
@@ -55,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as exc:  # a bad argument or an index that cannot answer: no traceback
                 print(f"error: {exc}", file=sys.stderr)
                 return 2
+        if args.command == "report":
+            from jobs import report
+
+            return report.run_cli(args)
         if args.command == "validate":
             cfg = load_config(args.config, args.overrides)
             if args.check_inputs:

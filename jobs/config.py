@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from jobs.stages import PHASE2, STAGES, config_errors, config_warnings
 from operators.refresh import RefreshConfig
+from operators.report.config import ReportConfig
 from operators.sources import SourceConfig
 from operators.storage import StorageConfig
 
@@ -92,6 +93,8 @@ class _JobBase(BaseModel):
     ray: RayConfig = RayConfig()
     refresh: RefreshConfig = Field(RefreshConfig(), description="imgcurate refresh: new samples only, re-checks, "
                                                                 "takedowns, retention")
+    report: ReportConfig = Field(ReportConfig(), description="the HTML run report written next to the manifest "
+                                                             "(imgcurate report)")
 
     def fingerprint(self, *sections: str) -> str:
         """A hash of the named sections (default: every section but ``RUN_SECTIONS`` and
@@ -115,7 +118,7 @@ JobConfig = create_model(
 JobConfig.__doc__ = "The whole job: run sections (where and how) and one section per stage (what)."
 
 # Sections that only say where and how to run: not part of the fingerprint.
-RUN_SECTIONS = frozenset({"name", "output", "storage", "ray", "refresh"})
+RUN_SECTIONS = frozenset({"name", "output", "storage", "ray", "refresh", "report"})
 # Phase 2's sections: rerun over an existing phase-1 output with other settings (``imgcurate phase2``).
 PHASE2_SECTIONS = frozenset(s.section for s in STAGES if s.runs_in == PHASE2)
 # Keys (in any section) that say where a stage keeps local copies or caches, not what it writes.
