@@ -28,7 +28,7 @@ from operators.download import HttpDownloader
 from operators.images import ImageProcessor
 from operators.recaption.vllm import apply_vllm_recaption
 from operators.shards import SampleShards
-from operators.sinks import PARQUET_OPTIONS, count_written, sink_prep
+from operators.sinks import PARQUET_OPTIONS, SinkConfig, count_written, sink_prep
 from operators.lock import LOCK_NAME, OutputLock
 from operators.refresh import seen_of_plan
 from operators.snapshot import publish
@@ -185,7 +185,9 @@ def build_pipeline(cfg: JobConfig, ds, plan: PipelinePlan):
             batch_format="pyarrow", batch_size=r.batch_size, num_cpus=r.num_cpus, num_gpus=r.num_gpus or None,
             compute=ActorPoolStrategy(min_size=lo, max_size=hi))
     # The same CPUs and concurrency as the write that follows, or Ray Data would not fuse the two (run_wave).
-    return ds.map_batches(sink_prep, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
+    sink = SinkConfig(thumbnails_per_reason=cfg.report.dropped_thumbnails_per_block, seed=cfg.report.seed)
+    return ds.map_batches(sink_prep, fn_kwargs={"config": sink}, batch_format="pyarrow", batch_size=None,
+                          zero_copy_batch=True,
                           num_cpus=plan.write_cpus, concurrency=plan.write_concurrency)
 
 
@@ -256,10 +258,10 @@ def run_wave(cfg: JobConfig, i: int, buckets: list[dict]) -> dict:
             override_filesystem=fs, delete_checkpoint_on_success=False)
         # One filter actor, as sized above (Ray Data would scale it up to 10 actors of 1 CPU).
         ctx.checkpoint_config.checkpoint_actor_pool_max_size = 1
+    ds = wave_dataset(cfg, groups, plan)
     try:
-        wave_dataset(cfg, groups, plan).write_parquet(
-            data_fs_path, filesystem=fs, concurrency=plan.write_concurrency,
-            ray_remote_args={"num_cpus": plan.write_cpus}, **PARQUET_OPTIONS)
+        ds.write_parquet(data_fs_path, filesystem=fs, concurrency=plan.write_concurrency,
+                         ray_remote_args={"num_cpus": plan.write_cpus}, **PARQUET_OPTIONS)
     finally:
         ctx.checkpoint_config = None
     seconds = time.time() - t0
@@ -269,7 +271,7 @@ def run_wave(cfg: JobConfig, i: int, buckets: list[dict]) -> dict:
                        f"under {paths['data']}; not committing the wave")
     marker = {"wave": i, "buckets": [b["bucket"] for b in buckets], "samples": expected,
               "outcomes": written["outcomes"], "files": written["files"], "seconds": round(seconds, 3),
-              "resources": plan.to_json(), "download_calls": len(groups)}
+              "resources": plan.to_json(), "download_calls": len(groups), "stats": operator_stats(ds)}
     if "recaption" in written:
         marker["recaption"] = written["recaption"]
     busy = occupancy(written.get("download_busy"), cfg)
@@ -280,6 +282,31 @@ def run_wave(cfg: JobConfig, i: int, buckets: list[dict]) -> dict:
         cfs.rm(cp, recursive=True)
     log.info("wave %d: %d samples in %.1fs (%.1f samples/s)", i, expected, seconds, expected / max(seconds, 1e-9))
     return marker
+
+
+def operator_stats(ds) -> list[dict]:
+    """Ray Data's figures per operator of a wave just written (its ``DatasetStatsSummary``): wall
+    time, CPU time of its tasks, rows in and out, in execution order. Empty (with a warning) if
+    this Ray cannot give them: they only inform the run report."""
+    try:
+        summary = ds.get_stats_summary()
+    except Exception as exc:  # noqa: BLE001 - a developer API of Ray Data; the wave itself is done
+        log.warning("no Ray Data stats for the report: %s", exc)
+        return []
+    out: list[dict] = []
+
+    def visit(s) -> None:
+        for parent in s.parents:
+            visit(parent)
+        for op in s.operators_stats:
+            out.append({"operator": op.operator_name, "wall_s": round(op.time_total_s or 0.0, 3),
+                        "cpu_s": round(op.cpu_time.sum if op.cpu_time else 0.0, 3),
+                        "tasks": int(op.wall_time.count) if op.wall_time else 0,
+                        "rows_in": int(op.total_input_num_rows or 0),
+                        "rows_out": int(op.output_num_rows.sum) if op.output_num_rows else 0})
+
+    visit(summary)
+    return out
 
 
 # --- the job ------------------------------------------------------------------------------
@@ -359,7 +386,24 @@ def _run(cfg: JobConfig, phase2_only: bool) -> dict:
                                 "indices": indices}
     # Data files first, manifest last: a reader trusts only a committed manifest.
     write_json_atomic(join(cfg.output.path, "_manifest.json"), manifest, cfg.storage)
+    if cfg.report.enabled:
+        write_run_report(cfg, manifest)
     return manifest
+
+
+def write_run_report(cfg: JobConfig, manifest: dict) -> None:
+    """The HTML report next to the manifest (jobs/report.py). A report that cannot be written is
+    logged, not raised: the run it describes is committed already."""
+    from jobs.report import write_report
+
+    try:
+        path, size = write_report(cfg.output.path, cfg.storage, cfg.report)
+    except Exception as exc:  # noqa: BLE001 - the run is done; `imgcurate report` can write it again
+        log.warning("the run report could not be written (%s: %s); `imgcurate report %s` writes it again",
+                    type(exc).__name__, exc, cfg.output.path)
+        return
+    manifest["report"] = {"path": path, "bytes": size}
+    log.info("run report: %s (%.2f MB)", path, size / 1e6)
 
 
 def _finished_plan(cfg: JobConfig) -> dict:
@@ -396,8 +440,8 @@ def manifest_of(cfg: JobConfig, plan: dict, markers: list[dict], resumed: int, p
         "samples": plan["samples"],
         "outcomes": dict(sorted(outcomes.items())),
         "kept": outcomes.get("kept", 0),
-        "waves": [{"wave": m["wave"], "samples": m["samples"], "seconds": m["seconds"], "files": m["files"]}
-                  for m in markers],
+        "waves": [{"wave": m["wave"], "samples": m["samples"], "seconds": m["seconds"], "files": m["files"],
+                   "stats": m.get("stats", [])} for m in markers],
         "waves_resumed": resumed,
         "phase2": phase2.get("steps", {}),
         "data_files": [f for m in markers for f in m["files"]],
@@ -474,6 +518,8 @@ def summary_table(manifest: dict) -> str:
         won = (f"the recaption was the reward model's best caption for {r['won']} of {r['ranked']} "
                f"({r['win_rate']:.1%})" if r["ranked"] else "no reward ranking (reward stage off)")
         lines.append(f"recaption: {r['recaptioned']} samples recaptioned ({r['cached']} from the cache); {won}")
+    if manifest.get("report"):
+        lines.append(f"report: {manifest['report']['path']} ({manifest['report']['bytes'] / 1e6:.1f} MB)")
     models = manifest.get("models") or {}
     if not models:
         lines.append("models: none enabled (download and images only)")

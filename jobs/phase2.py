@@ -23,6 +23,7 @@ counts. Phase-1 files are never rewritten, and a rerun of phase 2 starts from th
 
 from __future__ import annotations
 
+import json
 import logging
 import posixpath
 import time
@@ -210,6 +211,7 @@ def _apply_to_sidecar(group: pa.Table, sidecars: list[str], stage: str, storage)
     cols = {c: side.column(c).to_pylist() for c in ("drop_stage", "drop_reason", "error_message", DUPLICATE_OF,
                                                      *MERGED)}
     dropped = merged = 0
+    reasons: dict[str, int] = {}
     for d in group.to_pylist():
         k = pos.get(d["sample_id"])
         if k is None:
@@ -225,18 +227,25 @@ def _apply_to_sidecar(group: pa.Table, sidecars: list[str], stage: str, storage)
         cols["drop_stage"][k], cols["drop_reason"][k] = stage, d["drop_reason"]
         cols["error_message"][k], cols[DUPLICATE_OF][k] = d["error_message"], d[DUPLICATE_OF]
         dropped += 1
+        reasons[d["drop_reason"]] = reasons.get(d["drop_reason"], 0) + 1
     side = set_columns(side, {"status": pa.array(status, pa.string()),
                               **{c: pa.array(v, SIDECAR_SCHEMA.field(c).type) for c, v in cols.items()}})
     _write_sidecar(side, sidecars[i], storage)
-    return pa.table({FILE_COLUMN: [i], "dropped": [dropped], "merged": [merged]})
+    return pa.table({FILE_COLUMN: [i], "dropped": [dropped], "merged": [merged], "reasons": [json.dumps(reasons)]})
 
 
 def apply_decisions(ctx: Phase2Context, step: Phase2Step, decisions) -> dict:
-    """Route a step's decisions to their files' sidecars; returns how many it dropped and merged."""
+    """Route a step's decisions to their files' sidecars; returns how many it dropped (in all and
+    by reason) and merged."""
     sidecars, storage, stage = [ctx.sidecar(i) for i in range(ctx.num_files)], ctx.storage, step.stage
     counts = decisions.groupby(FILE_COLUMN, num_partitions=ctx.parallelism).map_groups(
         lambda g: _apply_to_sidecar(g, sidecars, stage, storage), batch_format="pyarrow").take_all()
-    return {"dropped": sum(r["dropped"] for r in counts), "merged": sum(r["merged"] for r in counts)}
+    reasons: dict[str, int] = {}
+    for r in counts:
+        for reason, n in json.loads(r["reasons"]).items():
+            reasons[reason] = reasons.get(reason, 0) + n
+    return {"dropped": sum(r["dropped"] for r in counts), "merged": sum(r["merged"] for r in counts),
+            "reasons": dict(sorted(reasons.items()))}
 
 
 def run_phase2(cfg, files: list[str], steps: list[Phase2Step] | None = None) -> dict:
@@ -268,12 +277,12 @@ def run_steps(steps: list[Phase2Step], files: list[str], output_path: str,
         t0 = time.time()
         result: StepResult = step.run(ctx)
         applied = apply_decisions(ctx, step, result.decisions) if result.decisions is not None else \
-            {"dropped": 0, "merged": 0}
+            {"dropped": 0, "merged": 0, "reasons": {}}
         wfs, wdir = fsspec_fs(ctx.work_dir(step.name), storage)
         if wfs.exists(wdir):  # the step's intermediates, read by its decisions: done with now
             wfs.rm(wdir, recursive=True)
         report = {"order": order, "stage": step.stage, **result.report, "entering": kept,
-                  "dropped": applied["dropped"], "kept": kept - applied["dropped"]}
+                  "dropped": applied["dropped"], "kept": kept - applied["dropped"], "reasons": applied["reasons"]}
         if applied["merged"]:
             report["merged"] = applied["merged"]
         report["seconds"] = round(time.time() - t0, 3)

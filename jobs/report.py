@@ -19,7 +19,7 @@ import numpy as np
 
 from jobs.stages import PHASE2, PLAN_STAGE, STAGES
 from operators.base import KEPT
-from operators.report.collect import (EMBEDDING, ScanSpec, display_histogram, outcome_key, rank_threshold, scan,
+from operators.report.collect import (EMBEDDING, ScanSpec, display_histogram, rank_threshold, scan,
                                       score_columns, thumbnails)
 from operators.report.config import ReportConfig
 from operators.report.explorer import cluster_tree, walk
@@ -125,12 +125,13 @@ def operator_stats(manifest: dict) -> list[dict]:
     total: dict[str, dict] = {}
     for wave in manifest.get("waves") or []:
         for s in wave.get("stats") or []:
-            t = total.setdefault(s["operator"], {"operator": s["operator"], "wall_s": 0.0, "cpu_s": 0.0, "rows": 0})
-            t["wall_s"] += s.get("wall_s") or 0.0
-            t["cpu_s"] += s.get("cpu_s") or 0.0
-            t["rows"] += s.get("rows") or 0
-    for t in total.values():
-        t["rows_per_s"] = t["rows"] / t["wall_s"] if t["wall_s"] > 0 else 0.0
+            t = total.setdefault(s["operator"], {"operator": s["operator"], "wall_s": 0.0, "cpu_s": 0.0,
+                                                 "rows_in": 0, "rows_out": 0})
+            for k in ("wall_s", "cpu_s", "rows_in", "rows_out"):
+                t[k] += s.get(k) or 0
+    for t in total.values():  # rows an operator took in (a read: gave out) per second of its wall time
+        rows = t["rows_in"] or t["rows_out"]
+        t["rows_per_s"] = rows / t["wall_s"] if t["wall_s"] > 0 else 0.0
     return list(total.values())
 
 

@@ -1,19 +1,23 @@
 """Sink: every sample written once to Parquet, with status, reason and metadata.
 
 ``SinkPrep`` runs as the last map before Ray Data's Parquet write: image bytes stay only
-on kept samples and the columns come in a fixed order. ``count_written`` tallies a
-written wave (streaming over files, flat memory) for the wave marker and run manifest.
+on kept samples (a few dropped ones keep a small ``thumbnail`` for the run report) and the
+columns come in a fixed order. ``count_written`` tallies a written wave (streaming over files,
+flat memory) for the wave marker and run manifest.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from operators.base import STATUS_COLUMNS, Operator, count_outcomes, null_where_not_kept, set_columns
+from operators.base import KEPT, STATUS_COLUMNS, Columns, Operator, count_outcomes, null_where_not_kept, set_columns
+from operators.report.collect import THUMBNAIL, outcome_key, sample_ranks, thumbnail_jpeg
 from operators.storage import StorageConfig, arrow_fs
 
 # Parquet options for the sink: image bytes are incompressible and unique, so no dictionary
@@ -30,13 +34,37 @@ LEADING_COLUMNS = ("sample_id", "status", "drop_stage", "drop_reason", "error_me
                    "caption_sources")
 
 
+# Longer side of the thumbnail a dropped row keeps (the report shrinks it again to report.thumbnail_px).
+THUMBNAIL_PX = 128
+
+
+@dataclass(frozen=True)
+class SinkConfig:
+    """``thumbnails_per_reason``: per block and outcome, the dropped rows that still had an image and
+    the smallest report ranks (``seed``) keep a thumbnail (report.dropped_thumbnails_per_block)."""
+
+    thumbnails_per_reason: int = 0
+    seed: int = 0
+
+
 class SinkPrep(Operator):
-    """Null image bytes of samples that are not kept; order columns for readers."""
+    """Null image bytes of samples that are not kept (a few keep a thumbnail); order columns for readers."""
 
     name: ClassVar[str] = "sink"
     reads = ("sample_id", *STATUS_COLUMNS)
 
+    def __init__(self, config: SinkConfig | None = None):
+        self.config = config or SinkConfig()
+
+    @classmethod
+    def columns(cls, config: SinkConfig | None = None) -> Columns:
+        writes = {THUMBNAIL: pa.binary()} if config is not None and config.thumbnails_per_reason > 0 else {}
+        return Columns(tuple(cls.reads), writes)
+
     def process(self, batch: pa.Table) -> pa.Table:
+        if self.config.thumbnails_per_reason > 0:
+            batch = set_columns(batch, {THUMBNAIL: dropped_thumbnails(batch, self.config.thumbnails_per_reason,
+                                                                      self.config.seed)})
         if "image" in batch.column_names:
             batch = set_columns(batch, {"image": null_where_not_kept(batch, "image")})
         lead = [c for c in LEADING_COLUMNS if c in batch.column_names]
@@ -44,9 +72,33 @@ class SinkPrep(Operator):
         return batch.select(lead + rest)
 
 
-def sink_prep(batch: pa.Table) -> pa.Table:
+def dropped_thumbnails(batch: pa.Table, k: int, seed: int) -> pa.Array:
+    """A small JPEG for the ``k`` rows of smallest report rank per drop outcome among the rows that
+    are dropped but still hold an image (dropped after decoding: CLIP, safety, reward...). The run
+    report's sample of an outcome is the run's smallest ranks, which are each among their own
+    block's smallest, so with ``k`` >= report.dropped_per_grid every row it shows has a picture."""
+    out: list[bytes | None] = [None] * batch.num_rows
+    if "image" in batch.column_names and batch.num_rows:
+        has = pc.and_(pc.not_equal(batch.column("status"), KEPT), pc.is_valid(batch.column("image")))
+        idx = np.flatnonzero(pc.fill_null(has, False).to_numpy(zero_copy_only=False))
+        if idx.size:
+            take = pa.array(idx, pa.int64())
+            ranks = sample_ranks(batch.column("sample_id").take(take).to_pylist(), seed)
+            keys = [outcome_key(*r) for r in zip(*(batch.column(c).take(take).to_pylist()
+                                                   for c in ("status", "drop_stage", "drop_reason")))]
+            by_key: dict[str, list[tuple[int, int]]] = {}
+            for i, key, rank in zip(idx.tolist(), keys, ranks.tolist()):
+                by_key.setdefault(key, []).append((rank, i))
+            images = batch.column("image")
+            for rows in by_key.values():
+                for _, i in sorted(rows)[:k]:
+                    out[i] = thumbnail_jpeg(images[i].as_py(), THUMBNAIL_PX, 75)
+    return pa.array(out, pa.binary())
+
+
+def sink_prep(batch: pa.Table, config: SinkConfig | None = None) -> pa.Table:
     """Function form of :class:`SinkPrep` for ``map_batches`` as a (fusable) task."""
-    return SinkPrep()(batch)
+    return SinkPrep(config)(batch)
 
 
 def count_written(path: str, storage: StorageConfig | None = None) -> dict:

@@ -61,8 +61,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from operators.base import KEPT, STATUS_COLUMNS
 from operators.phase2 import CAPTION_SCORES, FINAL_DIR, FINAL_MARKER, MERGED_CAPTIONS
-from operators.sinks import OCCUPANCY_COLUMNS, PARQUET_OPTIONS
-from operators.storage import StorageConfig, arrow_fs, fsspec_fs, join, write_json_atomic
+from operators.sinks import OCCUPANCY_COLUMNS, PARQUET_OPTIONS, THUMBNAIL
+from operators.storage import StorageConfig, arrow_fs, fsspec_fs, join, take_rows, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ MANIFEST = "_SNAPSHOT.json"
 VERSION_DIR = re.compile(r"^v=(\d{4,})$")
 # Columns that mean nothing in a snapshot of kept rows: the status (all kept) and the download
 # actor's per-chunk occupancy sums.
-NOT_PUBLISHED = (*STATUS_COLUMNS, *OCCUPANCY_COLUMNS)
+NOT_PUBLISHED = (*STATUS_COLUMNS, *OCCUPANCY_COLUMNS, THUMBNAIL)  # the thumbnail: a dropped row's, for the report
 MERGED = MERGED_CAPTIONS
 ALIGNED = CAPTION_SCORES  # one value per caption: realigned to merged captions
 REWARD_BEST = "best_caption"  # operators/reward.py
@@ -226,16 +226,9 @@ def _kept_rows(src: Source, first: int, last: int, columns: list[str], storage: 
     ids = status.column("sample_id").take(pa.array(kept)).to_numpy(zero_copy_only=False)
     rows = kept[np.argsort(ids, kind="stable")[first:last]]
     pf = _open_parquet(src.path, storage)
-    sizes = np.array([pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)], np.int64)
-    starts = np.concatenate([[0], np.cumsum(sizes)])
-    group_of = np.searchsorted(starts, rows, side="right") - 1
-    groups = sorted(set(group_of.tolist()))
     have = set(pf.schema_arrow.names)
     wanted = [c for c in dict.fromkeys(["sample_id", *columns]) if c in have]
-    data = pf.read_row_groups(groups, columns=wanted) if groups else pf.schema_arrow.empty_table().select(wanted)
-    base = {g: int(np.sum(sizes[groups[:k]])) for k, g in enumerate(groups)}  # offset in the read groups
-    local = np.array([base[g] + r - starts[g] for g, r in zip(group_of.tolist(), rows.tolist())], np.int64)
-    table = data.take(pa.array(local, pa.int64()))
+    table = take_rows(pf, rows.tolist(), wanted)
     side = status.take(pa.array(rows, pa.int64()))
     if not table.column("sample_id").equals(side.column("sample_id")):
         raise RuntimeError(f"publish: sidecar {src.sidecar} is not row-aligned with {src.path}")

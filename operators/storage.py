@@ -14,7 +14,10 @@ import uuid
 from functools import lru_cache
 
 import fsspec
+import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -140,3 +143,18 @@ def local_copy(spec: str, storage: StorageConfig | None = None, cache_dir: str |
             fs.get(path, tmp)
         os.replace(tmp, local)
     return local
+
+
+def take_rows(pf: pq.ParquetFile, rows: list[int], columns: list[str]) -> pa.Table:
+    """``rows`` (file row numbers, any order) of ``columns``, reading only the row groups that hold them."""
+    sizes = np.array([pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)], np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    r = np.asarray(rows, dtype=np.int64)
+    group_of = np.searchsorted(starts, r, side="right") - 1
+    groups = sorted(set(group_of.tolist()))
+    if not groups:
+        return pf.schema_arrow.empty_table().select(columns)
+    data = pf.read_row_groups(groups, columns=columns)
+    base = {g: int(np.sum(sizes[groups[:k]])) for k, g in enumerate(groups)}
+    local = np.array([base[g] + x - starts[g] for g, x in zip(group_of.tolist(), r.tolist())], np.int64)
+    return data.take(pa.array(local, pa.int64()))

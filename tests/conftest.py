@@ -85,3 +85,7 @@ def s3fs_client(s3_server):
 
     fs = s3fs.S3FileSystem(anon=False, client_kwargs={"endpoint_url": s3_server}, use_listings_cache=False)
     return fs
+
+
+# A headless Chromium for the browser tests (the run report, the search page): tests/report_helpers.py.
+from tests.report_helpers import chromium  # noqa: E402,F401

@@ -214,3 +214,55 @@ def test_cli_parses_serve():
     assert (a.port, a.host, a.endpoint_url) == (9000, "0.0.0.0", "http://x")
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0")
+
+
+def test_search_page_in_chromium(snapshot_index, chromium):
+    """The served page in a real browser (headless Chromium on 127.0.0.1): a text query shows a grid
+    of results, each with its thumbnail."""
+    import threading
+
+    from aiohttp import web
+
+    from jobs.serve import make_app
+    from tests.conftest import free_port
+    from tests.report_helpers import console_errors, screenshot, wait_for
+
+    port = free_port()
+    runner = web.AppRunner(make_app(snapshot_index["index"], k_max=20))
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+        started.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert started.wait(30)
+    try:
+        console_errors(chromium)
+        chromium.get(f"http://127.0.0.1:{port}/")
+        wait_for(chromium, "document.getElementById('info').textContent.includes('vectors')")
+        chromium.find_element("id", "text").send_keys("picture number 3")
+        k = int(chromium.find_element("id", "k").get_attribute("value"))
+        chromium.find_element("css selector", "button[type=submit]").click()
+        wait_for(chromium, "document.querySelectorAll('#grid .card').length > 0", timeout=120)
+        cards = chromium.execute_script("return document.querySelectorAll('#grid .card').length")
+        assert cards == min(k, N)
+        assert chromium.find_element("id", "status").text == f"{cards} result(s)"
+        loaded = wait_for(chromium, """(() => { const im = Array.from(document.querySelectorAll('#grid .card img'));
+            return im.length && im.every(i => i.complete && i.naturalWidth > 0) ? im.length : 0; })()""")
+        assert loaded == cards  # every row has an image: every card shows its thumbnail
+        captions = chromium.execute_script(
+            "return Array.from(document.querySelectorAll('#grid .meta')).map(m => m.textContent)")
+        assert all("picture number" in c for c in captions)
+        errors = [e for e in console_errors(chromium) if "favicon.ico" not in e.get("message", "")]
+        assert not errors, errors
+        screenshot(chromium, "serve-search.png", full_height=False)
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)

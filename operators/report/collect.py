@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from operators.base import KEPT
 from operators.phase2 import DUPLICATE_OF
 from operators.selection import BINS, high_histogram
-from operators.storage import StorageConfig, arrow_fs, join
+from operators.storage import StorageConfig, arrow_fs, join, take_rows
 
 log = logging.getLogger(__name__)
 
@@ -288,21 +288,6 @@ def display_histogram(parts: dict[str, np.ndarray], bins: int = 60) -> dict | No
 
 
 # --- thumbnails of the rows shown ---------------------------------------------------------------------
-def take_rows(pf: pq.ParquetFile, rows: list[int], columns: list[str]) -> pa.Table:
-    """``rows`` (file row numbers, any order) of ``columns``, reading only the row groups that hold them."""
-    sizes = np.array([pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)], np.int64)
-    starts = np.concatenate([[0], np.cumsum(sizes)])
-    r = np.asarray(rows, dtype=np.int64)
-    group_of = np.searchsorted(starts, r, side="right") - 1
-    groups = sorted(set(group_of.tolist()))
-    if not groups:
-        return pf.schema_arrow.empty_table().select(columns)
-    data = pf.read_row_groups(groups, columns=columns)
-    base = {g: int(np.sum(sizes[groups[:k]])) for k, g in enumerate(groups)}
-    local = np.array([base[g] + x - starts[g] for g, x in zip(group_of.tolist(), r.tolist())], np.int64)
-    return data.take(pa.array(local, pa.int64()))
-
-
 def thumbnail_jpeg(data: bytes, px: int, quality: int = 70) -> bytes | None:
     """A JPEG of at most ``px`` on its longer side (None: not a readable image)."""
     from PIL import Image

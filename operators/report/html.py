@@ -74,7 +74,7 @@ def grid_html(grid: dict) -> str:
         tip = esc(hover_text(item))
         caption = esc((item.get("captions") or [""])[0][:80])
         if item.get("thumb"):
-            pic = f'<img src="{item["thumb"]}" alt="{esc(item["sample_id"])}" loading="lazy">'
+            pic = f'<img src="{item["thumb"]}" alt="{esc(item["sample_id"])}">'
         else:
             pic = f'<div class="noimg">{esc(item["reason"] or "no image")}</div>'
         figures.append(f'<figure class="thumb" title="{tip}">{pic}<figcaption>{caption}</figcaption></figure>')
@@ -141,9 +141,10 @@ def render(report: dict) -> str:
                        f'Start its search page with <code>{esc(search["command"])}</code> and open '
                        f'<a href="{esc(search["url"])}">{esc(search["url"])}</a>.</p>')
     stats = report.get("stats") or []
-    stats_html = (kv_table([(r["operator"], f'{r["wall_s"]:.2f}', f'{r["cpu_s"]:.2f}', f'{r["rows"]:,}',
-                             f'{r["rows_per_s"]:.1f}') for r in stats],
-                           ("Ray Data operator", "wall s", "CPU s (tasks)", "rows out", "rows/s"), cls="stats")
+    stats_html = (kv_table([(r["operator"], f'{r["wall_s"]:.2f}', f'{r["cpu_s"]:.2f}', f'{r["rows_in"]:,}',
+                             f'{r["rows_out"]:,}', f'{r["rows_per_s"]:.1f}') for r in stats],
+                           ("Ray Data operator", "wall s", "CPU s (tasks)", "rows in", "rows out", "rows/s"),
+                           cls="stats")
                   if stats else "<p>This run's manifest has no Ray Data operator stats (an older run).</p>")
     timings = kv_table([(k, v) for k, v in (report.get("timings") or {}).items()], cls="kv")
     models = kv_table([(name, m.get("model"), "RANDOM WEIGHTS" if m.get("random_weights") else m.get("pretrained"))
