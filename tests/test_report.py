@@ -228,7 +228,8 @@ def dry_run(ray_session, tmp_path_factory):
     from jobs.dryrun import run_dryrun
 
     work = tmp_path_factory.mktemp("dryrun")
-    manifest, out = run_dryrun(str(work), n_good=60)
+    # small leaves: the explorer's tree of this small run has cells with children to zoom into
+    manifest, out = run_dryrun(str(work), overrides=["report.explorer_leaf_size=8"], n_good=60)
     return manifest, out
 
 
@@ -271,10 +272,11 @@ def test_dry_run_report_in_chromium(dry_run, chromium):
     assert _grids_claim_what_they_show(chromium) >= 5
     # the treemap: cells with thumbnails; a click on a cell zooms into it
     assert state["overlays"] > 0
-    cell = chromium.execute_script("""const gd = document.getElementById('treemap');
-        const s = Array.from(gd.querySelectorAll('g.slice')).map(g => ({g, d: g.__data__}))
-            .find(x => x.d && x.d.data && x.d.data.data && x.d.data.data.id !== 'root' && x.d.children);
-        return s ? s.d.data.data.id : null""")
+    explorer = chromium.execute_script("return JSON.parse(document.getElementById('report-data').textContent).explorer")
+    with_children = {p for p in explorer["parents"] if p and p != "root"}
+    assert with_children, explorer["parents"]
+    cell = chromium.execute_script("""return Array.from(document.querySelectorAll('#treemap g.slice'))
+        .map(g => g.__data__.data.data.id).find(id => arguments[0].includes(id))""", sorted(with_children))
     assert cell is not None
     target = chromium.execute_script(f"""return Array.from(document.querySelectorAll('#treemap g.slice'))
         .find(g => g.__data__.data.data.id === '{cell}').querySelector('path.surface')""")

@@ -84,7 +84,7 @@
     Plotly.newPlot(gd, [{
       type: "treemap", ids: E.ids, labels: E.labels, parents: E.parents, values: E.values,
       branchvalues: "total", maxdepth: 2, customdata: E.mix,
-      marker: { colors: E.kept, colorscale: "RdYlGn", cmin: 0, cmax: 1, showscale: true,
+      marker: { colors: E.kept, colorscale: [[0, "#c62828"], [0.5, "#fdd835"], [1, "#2e7d32"]], cmin: 0, cmax: 1, showscale: true,
                 colorbar: { title: { text: "kept" }, thickness: 12 } },
       textinfo: "label", hovertemplate: "%{label}<br>%{customdata}<extra></extra>",
       pathbar: { visible: true }, tiling: { pad: 2 },
