@@ -296,6 +296,7 @@ def run_steps(steps: list[Phase2Step], files: list[str], output_path: str,
             final_outcomes[k] = final_outcomes.get(k, 0) + v
     final = {"kept": final_outcomes.get(KEPT, 0), "outcomes": dict(sorted(final_outcomes.items())),
              "sidecars": ctx.sidecar_dir, "order": [s.name for s in steps]}
-    result = {"steps": reports, "final": final}
+    # ``initial``: every sample's status as phase 1 left it (what the steps started from), for the run report.
+    result = {"steps": reports, "final": final, "initial": dict(sorted(outcomes.items()))}
     write_json_atomic(join(ctx.sidecar_dir, FINAL_MARKER), result, storage)
     return result

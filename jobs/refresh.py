@@ -34,7 +34,8 @@ import pyarrow.parquet as pq
 import ray
 
 from jobs.config import PHASE2_SECTIONS, RUN_SECTIONS, ConfigError, JobConfig, load_config
-from jobs.curate import JobError, check_run_identity, init_ray, job_args, run_wave, versions, wave_paths
+from jobs.curate import (JobError, check_run_identity, init_ray, job_args, run_wave, versions, wave_paths,
+                         write_run_report)
 from jobs.phase2 import run_steps, steps_of
 from jobs.plan import run_plan, waves_of
 from jobs.stages import models_of
@@ -239,8 +240,11 @@ def _refresh(cfg: JobConfig) -> dict:
     manifest = {
         "name": cfg.name, "kind": "refresh", "versions": versions(), "config": cfg.model_dump(mode="json"),
         **change, "snapshot": {**_snapshot_summary(snapshot), "indices": indices},
-        "waves": [{"wave": m["wave"], "samples": m["samples"], "seconds": m["seconds"], "outcomes": m["outcomes"]}
-                  for m in markers], "waves_resumed": resumed,
+        "waves": [{"wave": m["wave"], "samples": m["samples"], "seconds": m["seconds"], "outcomes": m["outcomes"],
+                   "stats": m.get("stats", [])} for m in markers], "waves_resumed": resumed,
+        # what the run report reads (jobs/report.py): the version's samples, old and new, as phase 1 left them
+        "input_rows": plan["input_rows"], "samples": sum(phase2["initial"].values()),
+        "outcomes": phase2["initial"], "data_files": files, "models": models_of(cfg),
         "phase2": phase2["steps"], "final": final, "retention_removed": removed_versions,
         "timings": {"plan_s": round(t_plan - t0, 3), "phase1_s": round(t_waves - t_plan, 3),
                     "phase2_s": round(t_p2 - t_waves, 3), "publish_s": round(time.time() - t_p2, 3),
@@ -248,6 +252,8 @@ def _refresh(cfg: JobConfig) -> dict:
         "finished": time.time(),
     }
     write_json_atomic(join(rdir, "_manifest.json"), manifest, storage)
+    if cfg.report.enabled:
+        write_run_report(rcfg, manifest)  # next to the refresh's manifest
     return manifest
 
 
@@ -274,6 +280,8 @@ def summary(m: dict) -> str:
              f"{r['inconclusive']} inconclusive",
              f"taken down: {t['url']} by URL, {t['sha256']} by sha256, {t['phash']} by pHash",
              f"time: {m['timings']['total_s']:.1f} s"]
+    if m.get("report"):
+        lines.append(f"report: {m['report']['path']}")
     if m.get("retention_removed"):
         lines.append("retention removed versions " + ", ".join(f"v={v:04d}" for v in m["retention_removed"]))
     for column, ix in (s.get("indices") or {}).items():

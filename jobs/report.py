@@ -201,7 +201,7 @@ def build(output: str, storage: StorageConfig | None = None, cfg: ReportConfig |
         search = {"columns": indices, "command": f"imgcurate serve {snap['path']}", "url": "http://127.0.0.1:8080/"}
     timings = dict(manifest.get("timings") or {})
     summary_rows = {"input rows": manifest.get("input_rows"), "samples": manifest["samples"],
-                    "kept after phase 1": manifest.get("kept"), "kept in the end": final.get("kept", manifest.get("kept")),
+                    "kept after phase 1": manifest["outcomes"].get(KEPT, 0), "kept in the end": final.get("kept", manifest.get("kept")),
                     "phase-1 throughput (samples/s)": manifest.get("throughput_samples_per_s")}
     if snap:
         summary_rows["snapshot"] = f"v={snap.get('version')} at {snap.get('path')} ({snap.get('kept')} samples)"

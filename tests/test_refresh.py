@@ -250,6 +250,16 @@ def test_takedowns_and_rechecks_leave_the_new_snapshot_and_its_index(world, seco
     reasons = {r["drop_reason"] for r in pq.read_table(
         [str(p) for p in (Path(m["refresh_dir"]) / "final").glob("*.parquet")]).to_pylist() if r["drop_reason"]}
     assert {"takedown_url", "takedown_sha256", "takedown_phash", "recheck_http_404"} <= reasons
+    # the refresh's report (next to its manifest): the funnel ends with this version's phase-2 steps
+    from jobs.report import build
+
+    assert Path(m["report"]["path"]) == Path(m["refresh_dir"]) / "report.html" and Path(m["report"]["path"]).exists()
+    rows = {f["stage"]: f for f in build(m["refresh_dir"], use_ray=False)["funnel"]}
+    assert rows["refresh.takedown"]["dropped"] == {"dropped/refresh/takedown_url": 1,
+                                                   "dropped/refresh/takedown_sha256": 1,
+                                                   "dropped/refresh/takedown_phash": 1}
+    assert rows["refresh.recheck"]["dropped"] == {"dropped/refresh/recheck_http_404": 1}
+    assert rows["plan"]["entering"] == m["samples"] == sum(m["outcomes"].values())
 
 
 def test_the_lock_blocks_a_second_refresh(world, second_refresh):
