@@ -237,7 +237,8 @@ def scan(files: list[str], spec: ScanSpec, use_ray: bool | None = None, chunks: 
         use_ray = ray.is_initialized()
     if chunks is None:
         cpus = int(ray.cluster_resources().get("CPU", 2)) if use_ray else 2
-        chunks = max(1, min(len(items), 4 * max(cpus, 1)))
+        # at most 256 summaries reach the driver (each holds its histograms: ~1 MB per score column)
+        chunks = max(1, min(len(items), 4 * max(cpus, 1), 256))
     parts = [items[i::chunks] for i in range(chunks)] if items else []
     total = Summary()
     if use_ray:

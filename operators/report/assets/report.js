@@ -31,8 +31,11 @@
     }];
     const keys = [];
     F.forEach((f) => Object.keys(f.dropped).forEach((k) => { if (!keys.includes(k)) keys.push(k); }));
-    keys.forEach((k) => traces.push({
-      type: "bar", orientation: "h", name: short(k), y: y,
+    // Drop reasons in colours that are not the green of "continues".
+    const palette = ["#c62828", "#ef6c00", "#f9a825", "#6a1b9a", "#1565c0", "#ad1457", "#4e342e", "#00838f",
+                     "#8e24aa", "#d84315", "#283593", "#9e9d24", "#5d4037", "#00695c", "#e91e63", "#546e7a"];
+    keys.forEach((k, i) => traces.push({
+      type: "bar", orientation: "h", name: short(k), y: y, marker: { color: palette[i % palette.length] },
       x: F.map((f) => f.dropped[k] || 0), hovertemplate: "%{y}: %{x:,} " + k + "<extra></extra>",
     }));
     Plotly.newPlot("funnel-plot", traces, {
