@@ -24,7 +24,7 @@ from operators.report.collect import (EMBEDDING, ScanSpec, display_histogram, ra
 from operators.report.config import ReportConfig
 from operators.report.explorer import cluster_tree, walk
 from operators.report.html import hover_text, render
-from operators.storage import StorageConfig, arrow_fs, join, read_json, write_bytes_atomic
+from operators.storage import StorageConfig, arrow_fs, join, qualify, read_json, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 REPORT_NAME = "report.html"
@@ -143,7 +143,7 @@ def build(output: str, storage: StorageConfig | None = None, cfg: ReportConfig |
     if manifest is None:
         raise FileNotFoundError(f"{output} has no _manifest.json: the run has not finished (a report reads only "
                                 f"committed runs)")
-    files = manifest.get("data_files") or []
+    files = qualify(manifest.get("data_files") or [], output)
     final = manifest.get("final") or {}
     outcomes = final.get("outcomes") or manifest["outcomes"]
     dropped_keys = sorted((k for k in outcomes if k != KEPT), key=lambda k: -outcomes[k])

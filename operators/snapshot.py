@@ -62,7 +62,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from operators.base import KEPT, STATUS_COLUMNS
 from operators.phase2 import CAPTION_SCORES, FINAL_DIR, FINAL_MARKER, MERGED_CAPTIONS
 from operators.sinks import OCCUPANCY_COLUMNS, PARQUET_OPTIONS, THUMBNAIL
-from operators.storage import StorageConfig, arrow_fs, fsspec_fs, join, take_rows, write_json_atomic
+from operators.storage import StorageConfig, arrow_fs, fsspec_fs, join, qualify, take_rows, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -167,9 +167,7 @@ def _sources(files: list[str], output_path: str, storage: StorageConfig | None,
     """The data files in publishing order with their sidecars, and where status comes from:
     ``final`` (phase 2 committed its sidecars) or ``data`` (no phase-2 step ran). ``final``: True
     requires the sidecars, False ignores them, None takes them when phase 2 committed them."""
-    # Phase 1 lists its files as paths on the output's filesystem (``bucket/key`` for s3://).
-    scheme = output_path.split("://", 1)[0] + "://" if "://" in output_path else ""
-    files = sorted(dict.fromkeys(f if "://" in f or not scheme else scheme + f for f in files))
+    files = sorted(dict.fromkeys(qualify(files, output_path)))
     names = [posixpath.basename(f) for f in files]
     if len(set(names)) != len(names):
         raise ValueError("publish: two data files share a basename; their sidecars would collide")

@@ -83,6 +83,13 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts)
 
 
+def qualify(paths: list[str], output_path: str) -> list[str]:
+    """Paths as phase 1 lists its data files (on the output's filesystem: ``bucket/key`` for an
+    ``s3://`` output), each given the output's scheme where it has none."""
+    scheme = output_path.split("://", 1)[0] + "://" if "://" in output_path else ""
+    return [p if "://" in p or not scheme else scheme + p for p in paths]
+
+
 def write_bytes_atomic(path: str, data: bytes, storage: StorageConfig | None = None) -> None:
     """Write bytes so that readers see either the old file or the whole new one, never a part.
 

@@ -41,8 +41,8 @@ def test_job_reads_and_writes_s3(ray_session, image_server, s3_server, s3fs_clie
     assert "imgcurate-test" not in json.dumps(on_s3)
     # The run report next to the manifest on S3, and `imgcurate report` of the S3 output again
     assert manifest["report"]["path"] == "s3://imgcurate-out/run1/report.html"
-    page = fs.cat("imgcurate-out/run1/report.html").decode()
-    assert len(page) == manifest["report"]["bytes"] and 'class="grid" data-key="kept"' in page
+    page = fs.cat("imgcurate-out/run1/report.html")
+    assert len(page) == manifest["report"]["bytes"] and 'class="grid" data-key="kept"' in page.decode()
     from jobs.cli import main
 
     out = tmp_path / "again.html"
