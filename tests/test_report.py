@@ -228,8 +228,10 @@ def dry_run(ray_session, tmp_path_factory):
     from jobs.dryrun import run_dryrun
 
     work = tmp_path_factory.mktemp("dryrun")
-    # small leaves: the explorer's tree of this small run has cells with children to zoom into
-    manifest, out = run_dryrun(str(work), overrides=["report.explorer_leaf_size=8"], n_good=60)
+    # small leaves: the explorer's tree of this small run has cells with children to zoom into; a CLIP
+    # threshold on the tiny random model drops some decoded samples, whose thumbnails the sink keeps
+    manifest, out = run_dryrun(str(work), overrides=["report.explorer_leaf_size=8", "clip.min_score=0.1"],
+                               n_good=60)
     return manifest, out
 
 
@@ -270,6 +272,14 @@ def test_dry_run_report_in_chromium(dry_run, chromium):
     hists = chromium.execute_script("return Array.from(document.querySelectorAll('.hist')).map(d => d.id)")
     assert {"hist-clip_score", "hist-reward", "hist-punsafe", "hist-aesthetic"} <= set(hists)
     assert _grids_claim_what_they_show(chromium) >= 5
+    # samples dropped in phase 1 after decoding are shown with their picture (the sink's thumbnails)
+    clip_drop = "dropped/clip/clip_below_0.1"
+    assert manifest["outcomes"].get(clip_drop, 0) > 0, manifest["outcomes"]
+    grid = chromium.execute_script(f"return document.querySelector('.grid[data-key=\"{clip_drop}\"]').dataset")
+    assert int(grid["shown"]) == min(12, manifest["final"]["outcomes"][clip_drop]) == int(grid["images"])
+    # and the threshold is drawn on the clip_score histogram
+    shapes = chromium.execute_script("return document.getElementById('hist-clip_score').layout.shapes.map(s => s.x0)")
+    assert shapes == [0.1]
     # the treemap: cells with thumbnails; a click on a cell zooms into it
     assert state["overlays"] > 0
     explorer = chromium.execute_script("return JSON.parse(document.getElementById('report-data').textContent).explorer")
