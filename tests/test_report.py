@@ -91,6 +91,15 @@ def test_cluster_tree_partitions_and_finds_planted_clusters():
     assert sorted(len(set(labels[c.members].tolist())) for c in root.children) == [1, 1, 1, 1]
 
 
+def test_cluster_tree_of_equal_embeddings_is_deep_but_whole():
+    """Equal vectors make a chain of zero-height merges: the tree is built without recursion."""
+    x = np.ones((3000, 8)) + np.random.default_rng(3).normal(scale=1e-9, size=(3000, 8))
+    root = cluster_tree(x, branching=2, leaf_size=2, reps=1)
+    cells = list(walk(root))
+    assert sum(len(c.members) for c in cells if not c.children) == 3000
+    assert all(c.reps for c in cells)
+
+
 def test_representatives_prefer_samples_with_a_picture():
     x = np.random.default_rng(2).normal(size=(50, 4))
     has = np.zeros(50, dtype=bool)

@@ -80,20 +80,25 @@ def cluster_tree(embeddings: np.ndarray, branching: int = 6, leaf_size: int = 24
             parts += [int(left[top - n]), int(right[top - n])]
         return sorted(parts, key=lambda p: -size[p])
 
-    counter = [0]
-
-    def build(node: int, cell_id: str, parent: str, depth: int) -> Cell:
-        cell = Cell(cell_id, parent, members(node))
+    # Top-down, with a stack (a chain-like dendrogram, e.g. of many equal embeddings, is deep), then the
+    # representatives bottom-up: a parent's come from its children's.
+    top = 2 * n - 2
+    root = Cell("root", "", members(top))
+    stack, order, count = [(top, root)], [], 0
+    while stack:
+        node, cell = stack.pop()
+        order.append(cell)
         if size[node] > leaf_size and node >= n:
             for child in split(node):
-                counter[0] += 1
-                cell.children.append(build(child, f"c{counter[0]}", cell_id, depth + 1))
+                count += 1
+                sub = Cell(f"c{count}", cell.id, members(child))
+                cell.children.append(sub)
+                stack.append((child, sub))
+    for cell in reversed(order):  # every child comes after its parent in ``order``
         pool = np.concatenate([np.array(c.reps, dtype=np.int64) for c in cell.children]) if cell.children \
             else cell.members
         cell.reps = representatives(x, cell.members, pool, reps, has_picture)
-        return cell
-
-    return build(2 * n - 2, "root", "", 0)
+    return root
 
 
 def representatives(x: np.ndarray, members: np.ndarray, pool: np.ndarray, k: int,
@@ -109,6 +114,9 @@ def representatives(x: np.ndarray, members: np.ndarray, pool: np.ndarray, k: int
 
 
 def walk(cell: Cell):
-    yield cell
-    for c in cell.children:
-        yield from walk(c)
+    """Every cell under ``cell`` (itself first), parents before their children."""
+    stack = [cell]
+    while stack:
+        c = stack.pop()
+        yield c
+        stack.extend(reversed(c.children))
