@@ -292,6 +292,11 @@ def mark(
     )
 
 
+def outcome_key(status: str, stage: str | None, reason: str | None) -> str:
+    """The key an outcome is counted under: ``kept`` or ``status/stage/reason``."""
+    return KEPT if status == KEPT else f"{status}/{stage}/{reason}"
+
+
 def count_outcomes(table: pa.Table) -> dict[str, int]:
     """Counts per ``status/stage/reason`` key, e.g. ``dropped/download/http_404``."""
     if table.num_rows == 0:
@@ -301,7 +306,7 @@ def count_outcomes(table: pa.Table) -> dict[str, int]:
     ).aggregate([([], "count_all")])
     out: dict[str, int] = {}
     for row in grouped.to_pylist():
-        key = row["status"] if row["status"] == KEPT else f"{row['status']}/{row['drop_stage']}/{row['drop_reason']}"
+        key = outcome_key(row["status"], row["drop_stage"], row["drop_reason"])
         out[key] = out.get(key, 0) + int(row["count_all"])
     return out
 

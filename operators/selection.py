@@ -76,10 +76,15 @@ def sortable_keys(values: np.ndarray) -> np.ndarray:
     return np.where(neg, ~bits, bits | np.uint32(0x80000000)).astype(np.uint32)
 
 
+def keys_to_floats(keys: np.ndarray) -> np.ndarray:
+    """The inverse of ``sortable_keys``: uint32 keys -> their float32 values."""
+    k = np.asarray(keys, dtype=np.uint32)
+    bits = np.where((k >> np.uint32(31)).astype(bool), k & np.uint32(0x7FFFFFFF), ~k).astype(np.uint32)
+    return bits.view(np.float32)
+
+
 def key_to_float(key: int) -> float:
-    k = np.uint32(key)
-    bits = (k & np.uint32(0x7FFFFFFF)) if (k >> np.uint32(31)) else ~k
-    return float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
+    return float(keys_to_floats(np.array([key], dtype=np.uint32))[0])
 
 
 def scores_of(table: pa.Table, column: str) -> np.ndarray:

@@ -16,8 +16,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from operators.base import KEPT, STATUS_COLUMNS, Columns, Operator, count_outcomes, null_where_not_kept, set_columns
-from operators.report.collect import THUMBNAIL, outcome_key, sample_ranks, thumbnail_jpeg
+from operators.base import (KEPT, STATUS_COLUMNS, Columns, Operator, count_outcomes, null_where_not_kept, outcome_key,
+                            set_columns)
+from operators.report.collect import THUMBNAIL, sample_ranks, thumbnail_jpeg
 from operators.storage import StorageConfig, arrow_fs
 
 # Parquet options for the sink: image bytes are incompressible and unique, so no dictionary

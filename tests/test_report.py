@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import report as job_report
-from operators.base import KEPT
-from operators.report.collect import (ScanSpec, display_histogram, outcome_key, rank_threshold, sample_ranks,
+from operators.base import KEPT, outcome_key
+from operators.report.collect import (ScanSpec, display_histogram, rank_threshold, sample_ranks,
                                       scan, thumbnail_jpeg)
 from operators.report.config import ReportConfig
 from operators.report.explorer import cluster_tree, walk

@@ -35,9 +35,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from operators.base import KEPT
+from operators.base import KEPT, outcome_key
 from operators.phase2 import DUPLICATE_OF
-from operators.selection import BINS, high_histogram
+from operators.selection import BINS, high_histogram, keys_to_floats
 from operators.storage import StorageConfig, arrow_fs, join, take_rows
 
 log = logging.getLogger(__name__)
@@ -48,11 +48,6 @@ EMBEDDING = "clip_image_embedding"
 NOT_SCORES = ("download_",)
 OVERSAMPLE = 4.0  # a file proposes rows with rank < OVERSAMPLE * k / N
 CAPTION_CHARS = 240
-
-
-def outcome_key(status: str, stage: str | None, reason: str | None) -> str:
-    """The manifest's key of an outcome: ``kept`` or ``status/stage/reason``."""
-    return KEPT if status == KEPT else f"{status}/{stage}/{reason}"
 
 
 def sample_ranks(sample_ids: list[str], seed: int) -> np.ndarray:
@@ -258,10 +253,8 @@ def scan(files: list[str], spec: ScanSpec, use_ray: bool | None = None, chunks: 
 def bin_values() -> np.ndarray:
     """The float value at the bottom of each of the 65,536 high-16-bit bins (order-preserving keys)."""
     keys = (np.arange(BINS, dtype=np.uint64) << np.uint64(16)).astype(np.uint32)
-    neg = (keys >> np.uint32(31)) == 0
-    bits = np.where(neg, ~keys, keys & np.uint32(0x7FFFFFFF)).astype(np.uint32)
     with np.errstate(invalid="ignore"):  # the NaN bins
-        return bits.view(np.float32).astype(np.float64)
+        return keys_to_floats(keys).astype(np.float64)
 
 
 def display_histogram(parts: dict[str, np.ndarray], bins: int = 60) -> dict | None:
